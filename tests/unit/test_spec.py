@@ -1,0 +1,140 @@
+"""The job spec: good specs load; bad ones name the YAML path and say what to change."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pytest
+
+from batch.errors import SpecError
+from batch.spec import describe_fields, load_spec, parse_spec
+
+GOOD = textwrap.dedent(
+    """\
+    name: enrich
+    input:
+      path: s3://bucket/reviews/
+      id_column: review_id
+    output:
+      path: s3://bucket/out/
+    model:
+      path: builtin:smollm2-135m-instruct
+      task: generate
+      engine_args: {max_model_len: 2048}
+    prompt:
+      template: "Summarise: {{ body }}"
+    sampling:
+      max_tokens: 32
+    resources:
+      device: cpu
+      rows_per_chunk: 100
+    """
+)
+
+
+def error_of(text: str, overrides: tuple[str, ...] = ()) -> str:
+    with pytest.raises(SpecError) as info:
+        parse_spec(text, source="job.yaml", overrides=overrides)
+    return str(info.value)
+
+
+def test_good_spec_loads_with_defaults() -> None:
+    spec = parse_spec(GOOD)
+    assert spec.model.task == "generate"
+    assert spec.pipeline_name == "generate"
+    assert spec.sampling.temperature == 0.0
+    assert spec.resources.replicas == 1
+    assert spec.model.engine_args == {"max_model_len": 2048}
+
+
+def test_spec_is_frozen() -> None:
+    spec = parse_spec(GOOD)
+    with pytest.raises(Exception, match="frozen"):
+        spec.name = "other"  # type: ignore[misc]
+
+
+def test_unknown_key_suggests_the_nearest_valid_key_with_line() -> None:
+    msg = error_of(GOOD.replace("max_tokens: 32", "max_token: 32"))
+    assert "job.yaml:14 sampling.max_token: unknown key" in msg
+    assert "did you mean 'max_tokens'?" in msg
+
+
+def test_wrong_enum_names_path_and_choices() -> None:
+    msg = error_of(GOOD.replace("task: generate", "task: gen"))
+    assert "job.yaml:9 model.task" in msg
+    assert "'generate' or 'embed'" in msg
+    assert "got 'gen'" in msg
+
+
+def test_missing_required_field_says_add_it() -> None:
+    msg = error_of(GOOD.replace("  template: \"Summarise: {{ body }}\"\n", "  system: hi\n"))
+    assert "prompt.template: required, add it" in msg
+
+
+def test_wrong_type_names_path() -> None:
+    msg = error_of(GOOD.replace("rows_per_chunk: 100", "rows_per_chunk: lots"))
+    assert "job.yaml:17 resources.rows_per_chunk" in msg
+    assert "integer" in msg
+
+
+def test_override_sets_nested_field_with_yaml_typing() -> None:
+    spec = parse_spec(
+        GOOD, overrides=["output.path=/tmp/out", "resources.replicas=2", "input.columns=[review_id, b]"]
+    )
+    assert spec.output.path == "/tmp/out"
+    assert spec.resources.replicas == 2
+    assert spec.input.columns == ["review_id", "b"]
+
+
+def test_bad_override_is_flagged_as_coming_from_set() -> None:
+    msg = error_of(GOOD, overrides=("resources.replicas=0",))
+    assert "(from --set) resources.replicas" in msg
+    assert "greater than or equal to 1" in msg
+
+
+def test_override_without_equals_explains_the_form() -> None:
+    msg = error_of(GOOD, overrides=("output.path",))
+    assert "--set a.b=value" in msg
+
+
+def test_pipeline_task_mismatch_is_refused() -> None:
+    msg = error_of(GOOD.replace("sampling:", "pipeline: embed\nsampling:"))
+    assert "pipeline 'embed' does not fit model.task 'generate'" in msg
+
+
+def test_embed_with_system_message_is_refused() -> None:
+    text = GOOD.replace("task: generate", "task: embed").replace(
+        "prompt:\n", "prompt:\n  system: be nice\n"
+    )
+    assert "embeddings take no system message" in error_of(text)
+
+
+def test_invalid_yaml_names_the_line() -> None:
+    msg = error_of("name: x\ninput: [unclosed\n")
+    assert msg.startswith("job.yaml:")
+    assert "not valid YAML" in msg
+
+
+def test_missing_file() -> None:
+    with pytest.raises(SpecError, match="no such job file"):
+        load_spec("does/not/exist.yaml")
+
+
+def test_fingerprint_ignores_where_output_goes_but_not_the_prompt() -> None:
+    a = parse_spec(GOOD)
+    b = parse_spec(GOOD, overrides=["output.path=/elsewhere"])
+    c = parse_spec(GOOD, overrides=["prompt.template=Other {{ body }}"])
+    assert a.fingerprint() == b.fingerprint()
+    assert a.fingerprint() != c.fingerprint()
+
+
+def test_every_field_is_described() -> None:
+    rows = describe_fields()
+    assert all(desc for _, _, desc in rows), [p for p, _, d in rows if not d]
+    assert ("resources.device", "default 'cpu'") in [(p, d) for p, d, _ in rows]
+
+
+def test_example_jobs_are_valid() -> None:
+    for job in ("jobs/enrich.yaml", "jobs/embed.yaml"):
+        spec = load_spec(job)
+        assert spec.model.path.startswith("builtin:")
