@@ -192,7 +192,13 @@ def prepare_smollm2(dest: Path | None = None, *, force: bool = False) -> Path:
             accelerate / safetensors are missing (the message says what to install).
     """
     dest = Path(dest) if dest is not None else cache_dir() / SMOLLM2_NAME
-    gguf = smollm2_gguf()
+    try:
+        gguf = smollm2_gguf()
+    except ConfigurationError:
+        # A converted copy (e.g. a cache baked into an image) is usable without the package.
+        if not force and is_prepared(dest):
+            return dest
+        raise
     if not force and is_prepared(dest, gguf):
         logger.debug("%s is already prepared in %s", SMOLLM2_NAME, dest)
         return dest

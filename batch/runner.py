@@ -192,6 +192,10 @@ def ray_session(address: str | None, *, verbose: bool = False) -> Iterator[None]
         "logging_level": logging.INFO if verbose else logging.ERROR,
         "configure_logging": True,
     }
+    if not verbose:
+        # Ray's C++ core logs warnings (e.g. about actor restarts) straight to stderr, through
+        # the progress bar; the driver only needs its errors, which reach it as exceptions.
+        os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if address:
         kwargs["address"] = address
     else:
@@ -206,6 +210,12 @@ def ray_session(address: str | None, *, verbose: bool = False) -> Iterator[None]
 def _configure_ray_data(verbose: bool) -> None:
     import ray.data
 
+    if not verbose:
+        # Ray Data logs its own execution to the console; our reporter shows progress, and the
+        # full log stays in the Ray session's ray-data.log.
+        for handler in logging.getLogger("ray.data").handlers:
+            if not isinstance(handler, logging.FileHandler):
+                handler.setLevel(logging.CRITICAL)
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = verbose
     ctx.print_on_execution_start = verbose

@@ -189,7 +189,8 @@ def open_fs(
     listing would hide parts and markers other workers wrote since, and resume decisions are
     made from listings. The fsspec instance cache is kept (it is keyed by the options, so it
     cannot hand back a listing-caching instance), because the runner opens the output once per
-    chunk and a fresh S3 client each time is slow. Callers can override either option.
+    chunk and a fresh S3 client each time is slow. Both can be overridden via the options
+    (e.g. ``skip_instance_cache=True``).
     """
     options = dict(storage_options or {})
     protocol, _ = fsspec.core.split_protocol(url)

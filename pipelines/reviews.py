@@ -19,6 +19,7 @@ from pipelines.generate import Generate
 
 LABELS = ("positive", "negative", "mixed")
 _SENTIMENT = re.compile(r"sentiment\W*\s*(positive|negative|mixed|neutral)", re.IGNORECASE)
+_LABEL = re.compile(r"\b(positive|negative|mixed)\b", re.IGNORECASE)
 _SUMMARY = re.compile(r"summary\W*\s*(.+)", re.IGNORECASE)
 
 
@@ -29,15 +30,15 @@ def parse_answer(text: str) -> tuple[str, str]:
         sentiment = m.group(1).lower()
         sentiment = "mixed" if sentiment == "neutral" else sentiment
     else:
-        first = text.strip().split(maxsplit=1)[0].lower().strip(".:,") if text.strip() else ""
-        sentiment = first if first in LABELS else "unknown"
+        any_label = _LABEL.search(text)
+        sentiment = any_label.group(1).lower() if any_label else "unknown"
     s = _SUMMARY.search(text)
     if s:
         summary = s.group(1).strip()
     else:
         lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-        rest = [ln for ln in lines if not _SENTIMENT.search(ln)]
-        summary = rest[0] if rest else ""
+        rest = [ln for ln in lines if not _SENTIMENT.fullmatch(ln.strip(" .*"))]
+        summary = _first_sentence(rest[0]) if rest else ""
     return sentiment, summary.strip().strip('"')
 
 
@@ -52,3 +53,8 @@ class ReviewEnrichment(Generate):
         out = super().finish(row, result)
         out["sentiment"], out["summary"] = parse_answer(out["generated_text"])
         return out
+
+
+def _first_sentence(text: str) -> str:
+    m = re.match(r"(.+?[.!?])(\s|$)", text)
+    return m.group(1) if m else text

@@ -132,12 +132,12 @@ class VLLMEngine:
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:
-            ids = self._tokenizer.apply_chat_template(
-                list(req.messages), tokenize=True, add_generation_prompt=True
+            # Render the model's chat template to text, then tokenize once; the template
+            # already holds the special tokens, so none are added again.
+            text = self._tokenizer.apply_chat_template(
+                list(req.messages), tokenize=False, add_generation_prompt=True
             )
-            if isinstance(ids, dict):  # some tokenizers return a BatchEncoding
-                ids = ids["input_ids"]
-            return list(ids)
+            return list(self._tokenizer.encode(text, add_special_tokens=False))
         return list(self._tokenizer.encode(req.text or ""))
 
     def close(self) -> None:

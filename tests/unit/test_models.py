@@ -255,3 +255,19 @@ def test_config_dict_fixes_the_gguf_config() -> None:
 def test_config_dict_accepts_transformers_4_rope_theta() -> None:
     config = models._config_dict({"rope_theta": 100000, "model_type": "llama"})
     assert config["rope_parameters"]["rope_theta"] == 100000.0
+
+
+def test_prepared_copy_is_usable_without_the_package(
+    fake_gguf: Path, conversions: list[Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dest = models.prepare_smollm2(tmp_path / "m")
+
+    def not_installed() -> Path:
+        raise ConfigurationError("not installed")
+
+    monkeypatch.setattr(models, "smollm2_gguf", not_installed)
+    assert models.prepare_smollm2(dest) == dest
+    with pytest.raises(ConfigurationError):
+        models.prepare_smollm2(dest, force=True)
+    with pytest.raises(ConfigurationError):
+        models.prepare_smollm2(tmp_path / "elsewhere")

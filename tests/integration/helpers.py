@@ -1,0 +1,52 @@
+"""Helpers for the end-to-end tests: run the real CLI, read the output layout back."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+COMMON_WORDS = {
+    "the", "a", "an", "is", "it", "and", "of", "to", "this", "with", "for", "in", "was",
+    "positive", "negative", "mixed", "sentiment", "summary", "review", "product", "not", "but",
+}  # fmt: skip
+
+
+def submit(job: str | Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """``batchinfer submit`` in a subprocess, as a user (or Airflow) would run it."""
+    args = [sys.executable, "-m", "batch.cli", "submit", str(job)]
+    for item in overrides:
+        args += ["--set", item]
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+
+
+def read_parts(fs: Any, folder: str) -> pa.Table:
+    paths = sorted(p for p in fs.find(folder) if p.endswith(".parquet")) if fs.exists(folder) else []
+    tables = []
+    for p in paths:
+        with fs.open(p, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    return pa.concat_tables(tables) if tables else pa.table({})
+
+
+def read_json(fs: Any, path: str) -> dict[str, Any]:
+    with fs.open(path, "rb") as fh:
+        doc: dict[str, Any] = json.loads(fh.read())
+    return doc
+
+
+def looks_like_english(text: str) -> bool:
+    """Real words, not token-id-0 garbage: mostly letters, several words, a common one among them."""
+    words = re.findall(r"[A-Za-z']+", text)
+    letters = sum(c.isalpha() for c in text)
+    return (
+        len(words) >= 3
+        and letters >= 0.6 * len(text.replace(" ", ""))
+        and any(w.lower() in COMMON_WORDS for w in words)
+    )
