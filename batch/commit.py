@@ -95,7 +95,9 @@ def commit_chunk(
     marker["committed_at"] = time.time()
     body = json.dumps(marker, sort_keys=True).encode()
     if not storage.create_only(fs, storage.join(root, marker_name(chunk.chunk_id)), body):
-        existing: dict[str, Any] = storage.read_json(fs, storage.join(root, marker_name(chunk.chunk_id)))
+        existing: dict[str, Any] = storage.read_json(
+            fs, storage.join(root, marker_name(chunk.chunk_id))
+        )
         existing["adopted"] = True
         return existing
     return marker

@@ -53,14 +53,20 @@ MIXED = [
 
 def reviews_table(rows: int, seed: int = 7, start: int = 0) -> pa.Table:
     rng = random.Random(seed + start)
-    data: dict[str, list[object]] = {k: [] for k in ("review_id", "product", "rating", "title", "body")}
+    data: dict[str, list[object]] = {
+        k: [] for k in ("review_id", "product", "rating", "title", "body")
+    }
     for i in range(start, start + rows):
         _, product = PRODUCTS[i % len(PRODUCTS)]
         mood = rng.choice(["pos", "pos", "neg", "mixed"])
         if mood == "pos":
             rating, sentences, title = rng.choice([4, 5]), POSITIVE, f"Love this {product}"
         elif mood == "neg":
-            rating, sentences, title = rng.choice([1, 2]), NEGATIVE, f"Disappointed with the {product}"
+            rating, sentences, title = (
+                rng.choice([1, 2]),
+                NEGATIVE,
+                f"Disappointed with the {product}",
+            )
         else:
             rating, sentences, title = 3, MIXED + POSITIVE[:2], f"Decent {product}"
         body: str | None = " ".join(rng.sample(sentences, k=2))

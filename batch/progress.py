@@ -148,16 +148,16 @@ class RichReporter:
             f"plan: {plan['files']} files, {plan['rows']:,} rows in {plan['chunks']} chunks "
             f"({plan['committed_chunks']} already committed)"
         )
+
+    def engines_starting(self, replicas: int) -> None:
+        # The bar starts once Ray is up, so Ray's own start-up lines print above it.
         self.progress.start()
         self.task = self.progress.add_task(
-            "starting",
+            f"loading {replicas} engine(s)",
             total=max(1, self.totals.rows_total),
             chunks=f"0/{self.totals.chunks_total} chunks",
             speed="",
         )
-
-    def engines_starting(self, replicas: int) -> None:
-        self.progress.update(self.task, description=f"loading {replicas} engine(s)")
 
     def chunk_done(self, stats: dict[str, Any]) -> None:
         t = self.totals

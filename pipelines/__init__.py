@@ -39,6 +39,6 @@ def load_pipeline(spec: JobSpec) -> Pipeline:
             f"pipeline: {target} is a '{task}' pipeline but model.task is '{spec.model.task}'"
         )
     try:
-        return cls(spec, **spec.pipeline_options)  # type: ignore[no-any-return]
+        return cls(spec, **spec.pipeline_options)
     except TypeError as exc:
         raise SpecError(f"pipeline_options: {exc}") from None

@@ -34,8 +34,10 @@ class Embed(Pipeline):
         if any(len(v) != dims for v in vectors):
             raise ValueError("the engine returned embeddings of different sizes in one chunk")
         flat = pa.array(np.asarray(vectors, dtype=np.float32).reshape(-1), type=pa.float32())
-        column = pa.FixedSizeListArray.from_arrays(flat, dims) if vectors else pa.array(
-            [], pa.list_(pa.float32(), 0)
+        column = (
+            pa.FixedSizeListArray.from_arrays(flat, dims)
+            if vectors
+            else pa.array([], pa.list_(pa.float32(), 0))
         )
         tokens = pa.array([r.input_tokens for r in results], pa.int32())
         return pa.table({"embedding": column, "input_tokens": tokens})

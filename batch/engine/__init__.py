@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 if TYPE_CHECKING:
     from batch.spec import JobSpec
@@ -46,7 +46,7 @@ class Engine(Protocol):
     means the engine itself is broken and fails the chunk.
     """
 
-    task: str
+    task: Literal["generate", "embed"]
 
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]: ...
 

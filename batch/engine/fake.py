@@ -63,9 +63,13 @@ class FakeEngine:
                 key=req.key, error_kind="EngineError", error="fake engine rejected the row"
             )
         if self.task == "embed":
-            return EngineResult(key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims))
+            return EngineResult(
+                key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
+            )
         words = prompt.split()
-        n_out = self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
+        n_out = (
+            self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
+        )
         text = " ".join((words * (n_out // max(1, len(words)) + 1))[:n_out])
         reason = "length" if n_out == self.max_tokens else "stop"
         return EngineResult(

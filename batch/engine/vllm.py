@@ -107,13 +107,13 @@ class VLLMEngine:
         request_id = f"r{next(self._ids)}"
         try:
             if self.task == "embed":
-                final = None
-                async for out in self._engine.encode(prompt, self._params, request_id):
-                    final = out
-                assert final is not None
-                vector = final.outputs.data.float().tolist()
+                pooled: Any = None
+                async for pooled_out in self._engine.encode(prompt, self._params, request_id):
+                    pooled = pooled_out
+                assert pooled is not None
+                vector = pooled.outputs.data.float().tolist()
                 return EngineResult(key=req.key, input_tokens=len(ids), embedding=vector)
-            final = None
+            final: Any = None
             async for out in self._engine.generate(prompt, self._params, request_id):
                 final = out
             assert final is not None
@@ -127,7 +127,10 @@ class VLLMEngine:
             )
         except ValueError as exc:  # vLLM's per-request validation (lengths, params)
             return EngineResult(
-                key=req.key, input_tokens=len(ids), error_kind="EngineRejected", error=str(exc)[:500]
+                key=req.key,
+                input_tokens=len(ids),
+                error_kind="EngineRejected",
+                error=str(exc)[:500],
             )
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
@@ -137,7 +140,7 @@ class VLLMEngine:
             text = self._tokenizer.apply_chat_template(
                 list(req.messages), tokenize=False, add_generation_prompt=True
             )
-            return list(self._tokenizer.encode(text, add_special_tokens=False))
+            return list(self._tokenizer.encode(str(text), add_special_tokens=False))
         return list(self._tokenizer.encode(req.text or ""))
 
     def close(self) -> None:

@@ -18,7 +18,9 @@ COMMON_WORDS = {
 }  # fmt: skip
 
 
-def submit(job: str | Path, *overrides: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+def submit(
+    job: str | Path, *overrides: str, timeout: float = 900
+) -> subprocess.CompletedProcess[str]:
     """``batchinfer submit`` in a subprocess, as a user (or Airflow) would run it."""
     args = [sys.executable, "-m", "batch.cli", "submit", str(job)]
     for item in overrides:
@@ -27,7 +29,9 @@ def submit(job: str | Path, *overrides: str, timeout: float = 900) -> subprocess
 
 
 def read_parts(fs: Any, folder: str) -> pa.Table:
-    paths = sorted(p for p in fs.find(folder) if p.endswith(".parquet")) if fs.exists(folder) else []
+    paths = (
+        sorted(p for p in fs.find(folder) if p.endswith(".parquet")) if fs.exists(folder) else []
+    )
     tables = []
     for p in paths:
         with fs.open(p, "rb") as fh:
@@ -42,7 +46,7 @@ def read_json(fs: Any, path: str) -> dict[str, Any]:
 
 
 def looks_like_english(text: str) -> bool:
-    """Real words, not token-id-0 garbage: mostly letters, several words, a common one among them."""
+    """Real words, not token-id-0 garbage: letters, several words, a common one among them."""
     words = re.findall(r"[A-Za-z']+", text)
     letters = sum(c.isalpha() for c in text)
     return (

@@ -24,8 +24,12 @@ def check_generation_output(fs: fsspec.AbstractFileSystem, out: str, input_ids: 
     assert sorted(counts) == sorted(input_ids), "every input id in the output"
     assert max(counts.values()) == 1, "and exactly once"
     # The demo data's two bad rows per file, with reasons from the real engine and template.
-    assert sorted(failed["_error_class"].to_pylist()) == ["NullValue", "NullValue",
-                                                          "PromptTooLong", "PromptTooLong"]
+    assert sorted(failed["_error_class"].to_pylist()) == [
+        "NullValue",
+        "NullValue",
+        "PromptTooLong",
+        "PromptTooLong",
+    ]
     too_long = [m for m in failed["_error_message"].to_pylist() if "context" in m]
     assert len(too_long) == 2 and "2048" in too_long[0]
     rows = data.to_pylist()
@@ -83,5 +87,3 @@ def test_enrich_job_on_s3(demo_models: dict[str, Path], s3: S3Server, tmp_path: 
     )
     assert res.returncode == 0, res.stderr[-3000:]
     check_generation_output(fs, f"{bucket.removeprefix('s3://')}/out", ids)
-
-

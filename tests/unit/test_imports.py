@@ -9,7 +9,9 @@ HEAVY = ("vllm", "torch", "ray", "transformers")
 
 
 def loaded_after(code: str) -> set[str]:
-    probe = f"{code}\nimport sys\nprint('LOADED:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    probe = (
+        f"{code}\nimport sys\nprint('LOADED:' + ','.join(m for m in {HEAVY!r} if m in sys.modules))"
+    )
     out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True)
     line = next(ln for ln in out.stdout.splitlines() if ln.startswith("LOADED:"))
     return {m for m in line.removeprefix("LOADED:").split(",") if m}

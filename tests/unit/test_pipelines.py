@@ -47,7 +47,7 @@ def test_embed_finish_makes_fixed_size_float32_vectors() -> None:
 
 def test_unknown_user_pipeline_is_a_spec_error() -> None:
     spec = parse_spec(BASE % ("generate", "") + "pipeline: nosuch.module:Thing\n")
-    with pytest.raises(SpecError, match="cannot import module 'nosuch.module'"):
+    with pytest.raises(SpecError, match=r"cannot import module .nosuch\.module."):
         load_pipeline(spec)
 
 

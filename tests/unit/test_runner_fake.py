@@ -57,7 +57,9 @@ def test_every_row_exactly_once_with_failures_explained(reviews: Path, tmp_path:
     assert sorted(ids) == input_ids(reviews)
     assert len(set(ids)) == len(ids) == 96
     # the demo data's bad rows: a null body and an over-long one in each file
-    reasons = sorted(zip(failed["review_id"].to_pylist(), failed["_error_class"].to_pylist()))
+    reasons = sorted(
+        zip(failed["review_id"].to_pylist(), failed["_error_class"].to_pylist(), strict=True)
+    )
     assert reasons == [
         ("r000005", "NullValue"),
         ("r000011", "PromptTooLong"),

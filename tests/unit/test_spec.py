@@ -67,7 +67,7 @@ def test_wrong_enum_names_path_and_choices() -> None:
 
 
 def test_missing_required_field_says_add_it() -> None:
-    msg = error_of(GOOD.replace("  template: \"Summarise: {{ body }}\"\n", "  system: hi\n"))
+    msg = error_of(GOOD.replace('  template: "Summarise: {{ body }}"\n', "  system: hi\n"))
     assert "prompt.template: required, add it" in msg
 
 
@@ -79,7 +79,8 @@ def test_wrong_type_names_path() -> None:
 
 def test_override_sets_nested_field_with_yaml_typing() -> None:
     spec = parse_spec(
-        GOOD, overrides=["output.path=/tmp/out", "resources.replicas=2", "input.columns=[review_id, b]"]
+        GOOD,
+        overrides=["output.path=/tmp/out", "resources.replicas=2", "input.columns=[review_id, b]"],
     )
     assert spec.output.path == "/tmp/out"
     assert spec.resources.replicas == 2
