@@ -30,7 +30,7 @@ demo: setup
 	$(BIN)/batchinfer submit jobs/enrich.yaml
 
 lint: setup
-	$(BIN)/ruff check batch pipelines tests benchmarks scripts
+	$(BIN)/ruff check .
 	$(BIN)/mypy
 
 unit: setup

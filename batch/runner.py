@@ -115,6 +115,11 @@ class EngineStage:
         self.created = time.time()
         self.actor = uuid.uuid4().hex[:12]
         self.spec = JobSpec.model_validate_json(spec_json)
+        if self.spec.model.engine == "vllm":
+            from batch.models import resolve_model
+
+            # On a cluster each node prepares a bundled model itself (cached, idempotent).
+            model_path = resolve_model(model_path)
         self.engine = build_engine(self.spec, model_path)
         self.ready = time.time()
         self.busy = 0
@@ -277,9 +282,11 @@ def run_job(
         reporter.message("output already complete; nothing to do")
         return _summary_from(spec, manifest, plan, already_complete=True)
     model_path = spec.model.path
-    if spec.model.engine == "vllm":
+    if spec.model.engine == "vllm" and not address:
         from batch.models import resolve_model
 
+        # Prepare a bundled model once, before any engine starts, so its one-off conversion
+        # is not billed as engine time; engine actors then find it cached.
         model_path = resolve_model(spec.model.path)
     engines: dict[str, dict[str, Any]] = {}
     if plan.pending:
