@@ -10,11 +10,14 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from batch.errors import BatchInferError, SpecError
+
+if TYPE_CHECKING:
+    from batch.spec import JobSpec
 
 app = typer.Typer(
     name="batchinfer",
@@ -87,6 +90,12 @@ def submit(
         str | None,
         typer.Option(help="Ray cluster address (ray://HEAD:10001). Default: a local Ray."),
     ] = None,
+    wait: Annotated[
+        bool,
+        typer.Option(
+            "--wait", help="If another run holds the output, wait for it instead of exiting 3."
+        ),
+    ] = False,
 ) -> None:
     """Run a job, or resume it: chunks already committed in the output are skipped.
 
@@ -100,6 +109,7 @@ def submit(
       batchinfer submit jobs/enrich.yaml --set input.path=s3://bucket/reviews/ \\
           --set output.path=s3://bucket/out/
     """
+    from batch.checkpoint import LeaseHeld
     from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
     from batch.spec import load_spec
 
@@ -120,7 +130,7 @@ def submit(
     else:
         reporter = RichReporter()
     try:
-        summary = run_job(spec, reporter, address=address, verbose=verbose)
+        summary = run_job(spec, reporter, address=address, verbose=verbose, wait=wait)
     except KeyboardInterrupt:
         if isinstance(reporter, RichReporter):
             reporter.stop()
@@ -135,9 +145,147 @@ def submit(
             reporter.stop()
         _fail(str(exc), 2)
         return
+    except LeaseHeld as exc:
+        if isinstance(reporter, RichReporter):
+            reporter.stop()
+        _fail(str(exc), 3)
+        return
     except BatchInferError as exc:
         if isinstance(reporter, RichReporter):
             reporter.stop()
+        _fail(str(exc), 1)
+        return
+    typer.echo(summary_line(summary))
+
+
+TargetArg = Annotated[
+    str,
+    typer.Argument(
+        help="A job file (jobs/enrich.yaml) or an output folder/URL (out/enrich-reviews/, "
+        "s3://bucket/out/): an output remembers the job that wrote it."
+    ),
+]
+StorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-options",
+        help="For an output URL: fsspec storage options as YAML, e.g. "
+        "'{client_kwargs: {endpoint_url: http://127.0.0.1:8333}}'.",
+    ),
+]
+
+
+def _spec_for(target: str, overrides: list[str], storage_options: str | None) -> JobSpec:
+    """A job file, or the spec stored in an output; raises SpecError."""
+    import yaml
+
+    from batch.spec import load_spec
+    from batch.status import spec_from_output
+
+    if target.endswith((".yaml", ".yml")) and Path(target).is_file():
+        return load_spec(target, overrides)
+    options = yaml.safe_load(storage_options) if storage_options else {}
+    if not isinstance(options, dict):
+        raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
+    spec = spec_from_output(target, options, overrides)
+    if spec is None:
+        raise SpecError(f"{target}: not a job file, and no batchinfer output is there")
+    return spec
+
+
+@app.command()
+def status(
+    target: TargetArg,
+    set_: SetOption = None,
+    storage_options: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Where a job stands: chunks done of total, rows, failed rows, tokens, elapsed, and
+    whether a run holds the output now. Reads only the output.
+
+    Examples:
+
+      batchinfer status out/enrich-reviews/
+
+      batchinfer status jobs/enrich.yaml --json
+    """
+    from batch.status import output_status
+
+    _configure_logging(False, False)
+    try:
+        spec = _spec_for(target, set_ or [], storage_options)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    doc = output_status(spec)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    if doc["state"] == "empty":
+        typer.echo(f"{doc['output']}: no job has written here yet")
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{doc['job']} -> {doc['output']}", show_header=False)
+    done, total = doc["chunks_done"], doc["chunks_total"]
+    rows = [
+        ("state", doc["state"]),
+        ("chunks", f"{done:,} / {total:,} ({100 * done / max(1, total):.0f}%)"),
+        ("rows", f"{doc['rows']:,} in data/ of {doc['input_rows']:,} input rows"),
+        ("failed rows", f"{doc['failed_rows']:,} in _failed/"),
+        ("tokens", f"{doc['input_tokens']:,} in / {doc['output_tokens']:,} out"),
+        ("retries", str(doc["retries"])),
+        ("elapsed", f"{doc['elapsed_seconds']:,.0f}s"),
+        ("lease", doc["lease"]["holder"] if doc["lease"] and doc["lease"]["held"] else "free"),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    Console().print(table)
+
+
+@app.command("retry-failed")
+def retry_failed_cmd(
+    target: TargetArg,
+    set_: SetOption = None,
+    storage_options: StorageOption = None,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only the final line.")] = False,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Ray and vLLM logs.")] = False,
+    wait: Annotated[
+        bool, typer.Option("--wait", help="Wait for a run that holds the output.")
+    ] = False,
+) -> None:
+    """Reprocess only the rows in _failed/, for example after raising the context length.
+
+    Each such row ends up exactly once: in data/, or still in _failed/ with its attempt
+    count one higher. Nothing else is recomputed.
+
+    Example:
+
+      batchinfer retry-failed out/enrich-reviews/ --set model.engine_args.max_model_len=8192
+    """
+    from batch.checkpoint import LeaseHeld
+    from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
+    from batch.runner import retry_failed
+
+    json_lines = not sys.stdout.isatty()
+    _configure_logging(verbose, json_lines)
+    try:
+        spec = _spec_for(target, set_ or [], storage_options)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    reporter: NullReporter | JsonLogReporter | RichReporter
+    reporter = NullReporter() if quiet else JsonLogReporter() if json_lines else RichReporter()
+    try:
+        summary = retry_failed(spec, reporter, verbose=verbose, wait=wait)
+    except KeyboardInterrupt:
+        typer.echo("interrupted: engines released; run the same command to go on", err=True)
+        raise typer.Exit(130) from None
+    except LeaseHeld as exc:
+        _fail(str(exc), 3)
+        return
+    except BatchInferError as exc:
         _fail(str(exc), 1)
         return
     typer.echo(summary_line(summary))

@@ -8,8 +8,10 @@ describes the bytes that are in the output.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import os
 import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +22,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from batch import storage
+from batch import checkpoint, storage
 from batch.plan import MARKERS, Chunk
 from batch.spec import JobSpec
 
@@ -32,6 +34,7 @@ MANIFEST = "_MANIFEST.json"
 LEDGER = "ledger.json"
 ERROR_CLASS = "_error_class"
 ERROR_MESSAGE = "_error_message"
+ATTEMPT = "_attempt"
 
 
 def part_name(kind: str, chunk: Chunk) -> str:
@@ -57,6 +60,9 @@ def commit_chunk(
     data: pa.Table | None,
     failed: pa.Table | None,
     extra: dict[str, Any],
+    *,
+    fingerprint: str,
+    attempts: int = 0,
 ) -> dict[str, Any]:
     """Write the chunk's parts and marker; return the marker (the chunk's stats)."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
@@ -66,7 +72,8 @@ def commit_chunk(
         "file": chunk.relpath,
         "row_start": chunk.row_start,
         "row_end": chunk.row_end,
-        "fingerprint": spec.fingerprint(),
+        "fingerprint": fingerprint,
+        "attempts": attempts,
         "rows": 0,
         "failed_rows": 0,
         "input_tokens": 0,
@@ -74,6 +81,7 @@ def commit_chunk(
         "data_part": None,
         "failed_part": None,
         "adopted": False,
+        "supersedes": chunk.retry_of,
     }
     for kind, table in ((DATA, data), (FAILED, failed)):
         if table is None or table.num_rows == 0:
@@ -86,6 +94,7 @@ def commit_chunk(
             log.info("adopting existing part %s", name)
             table = _read_counts(fs, path)
             marker["adopted"] = True
+        fault_point(f"after-{kind.strip('_')}-part")
         key = "rows" if kind == DATA else "failed_rows"
         marker[key] = table.num_rows
         marker["data_part" if kind == DATA else "failed_part"] = name
@@ -94,13 +103,59 @@ def commit_chunk(
     marker.update(extra)
     marker["committed_at"] = time.time()
     body = json.dumps(marker, sort_keys=True).encode()
-    if not storage.create_only(fs, storage.join(root, marker_name(chunk.chunk_id)), body):
-        existing: dict[str, Any] = storage.read_json(
-            fs, storage.join(root, marker_name(chunk.chunk_id))
-        )
+    marker_path = storage.join(root, marker_name(chunk.chunk_id))
+    if not storage.create_only(fs, marker_path, body):
+        existing: dict[str, Any] = storage.read_json(fs, marker_path)
         existing["adopted"] = True
-        return existing
+        marker = existing
+    checkpoint.clear_attempts(fs, root, chunk.chunk_id, attempts + 1)
+    if chunk.retry_of:
+        # The retry's parts and marker are committed: the rows it took over leave _failed/.
+        remove_quietly(fs, storage.join(root, chunk.retry_of))
     return marker
+
+
+def fault_point(name: str) -> None:
+    """Test hook: with BATCHINFER_FAULT=<name>, stop here (a flag file tells the test where)
+    so a kill test can SIGKILL the job at exactly this point, e.g. between a part and its
+    marker. Unset in normal runs; costs one environment lookup."""
+    if os.environ.get("BATCHINFER_FAULT") != name:
+        return
+    flag_dir = os.environ.get("BATCHINFER_FAULT_DIR", ".")
+    with open(os.path.join(flag_dir, f"fault-{name}"), "a") as fh:
+        fh.write(f"{os.getpid()}\n")
+    time.sleep(3600)
+
+
+def remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(path)
+
+
+def live_failed_parts(markers: Iterable[dict[str, Any]]) -> set[str]:
+    """Failed parts still holding rows: those no retry has taken over."""
+    markers = list(markers)
+    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
+    return {m["failed_part"] for m in markers if m.get("failed_part")} - superseded
+
+
+def clean_superseded(spec: JobSpec, markers: Iterable[dict[str, Any]]) -> int:
+    """Finish retries cut short between their marker and removing the failed part."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    n = 0
+    for m in markers:
+        part = m.get("supersedes")
+        if part and fs.exists(storage.join(root, part)):
+            remove_quietly(fs, storage.join(root, part))
+            n += 1
+    return n
+
+
+def list_markers(spec: JobSpec) -> list[str]:
+    """Chunk ids of every marker in the output (input chunks and retries)."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    names = storage.list_files(fs, storage.join(root, MARKERS), ".json")
+    return [n.rsplit("/", 1)[-1].removesuffix(".json") for n in names]
 
 
 def _read_counts(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:

@@ -22,7 +22,8 @@ def build_ledger(
 ) -> dict[str, Any]:
     """Totals over every committed chunk (all runs of the job), plus this run's time."""
     rows = sum(int(m["rows"]) for m in markers)
-    failed = sum(int(m["failed_rows"]) for m in markers)
+    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
+    failed = sum(int(m["failed_rows"]) for m in markers if m.get("failed_part") not in superseded)
     inp = sum(int(m["input_tokens"]) for m in markers)
     out = sum(int(m["output_tokens"]) for m in markers)
     return {
@@ -31,7 +32,7 @@ def build_ledger(
         "task": spec.model.task,
         "rows": rows,
         "failed_rows": failed,
-        "chunks": len(markers),
+        "chunks": sum(1 for m in markers if not m.get("supersedes")),
         "input_tokens": inp,
         "output_tokens": out,
         "wall_seconds": round(wall_seconds, 3),

@@ -21,7 +21,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch import prompt, storage
+from batch import checkpoint, prompt, storage
 from batch.errors import SpecError
 from batch.spec import JobSpec
 
@@ -45,6 +45,7 @@ class Chunk:
     relpath: str
     row_start: int
     row_end: int
+    retry_of: str | None = None  # for retry-failed: the _failed/ part (relative to the output)
 
     @property
     def rows(self) -> int:
@@ -59,6 +60,8 @@ class Plan:
     schema: pa.Schema
     protocol: str
     pending: list[Chunk] = field(default_factory=list)
+    listing: str = ""  # digest of the input listing (relative paths and row counts)
+    fingerprint: str = ""  # of the listing and everything in the spec that shapes the output
 
     @property
     def total_rows(self) -> int:
@@ -117,18 +120,38 @@ def make_plan(spec: JobSpec, *, required_columns: Iterable[str] = ()) -> Plan:
     files = [InputFile(p, rel, n) for (p, rel), (n, _) in zip(listed, footers, strict=True)]
     schema = footers[0][1]
     check_columns(spec, schema, required_columns)
-    chunks = list(cut_chunks(files, spec.resources.rows_per_chunk))
-    done = committed_chunk_ids(spec)
     protocol = fs.protocol if isinstance(fs.protocol, str) else fs.protocol[0]
-    plan = Plan(files=files, chunks=chunks, done=done, schema=schema, protocol=protocol)
-    plan.pending = [c for c in chunks if c.chunk_id not in done]
+    plan = plan_chunks(spec, files, committed_chunk_ids(spec), schema=schema, protocol=protocol)
     log.info(
         "plan: %d files, %d rows, %d chunks, %d already committed",
         len(files),
         plan.total_rows,
-        len(chunks),
-        len(chunks) - len(plan.pending),
+        len(plan.chunks),
+        len(plan.chunks) - len(plan.pending),
     )
+    return plan
+
+
+def plan_chunks(
+    spec: JobSpec,
+    files: list[InputFile],
+    done: set[str],
+    *,
+    schema: pa.Schema | None = None,
+    protocol: str = "file",
+) -> Plan:
+    """The pure part of planning: (listing, committed chunk ids, spec) -> plan.
+
+    A resume computes the same chunks as the first run because this is a function of its
+    arguments only; it touches no row data, so its cost grows with files and chunks, never
+    with rows.
+    """
+    chunks = list(cut_chunks(files, spec.resources.rows_per_chunk))
+    plan = Plan(files=files, chunks=chunks, done=done, schema=schema or pa.schema([]),
+                protocol=protocol)  # fmt: skip
+    plan.listing = checkpoint.listing_digest([(f.relpath, f.num_rows) for f in files])
+    plan.fingerprint = checkpoint.job_fingerprint(spec, plan.listing)
+    plan.pending = [c for c in chunks if c.chunk_id not in done]
     return plan
 
 
@@ -153,7 +176,15 @@ def check_columns(spec: JobSpec, schema: pa.Schema, required: Iterable[str]) -> 
 
 
 def read_chunk(spec: JobSpec, chunk: Chunk, protocol: str) -> pa.Table:
-    """The chunk's rows (projected), with _source_file/_source_row when there is no id column."""
+    """The chunk's rows (projected), with _source_file/_source_row when there is no id column.
+
+    A retry chunk reads its failed part from the output instead: those rows already carry
+    the projected input columns and their id or provenance.
+    """
+    if chunk.retry_of:
+        out_fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+        with out_fs.open(storage.join(root, chunk.retry_of), "rb") as fh:
+            return pq.read_table(fh)
     fs, _ = storage.open_fs(spec.input.path, spec.input.storage_options)
     columns = spec.input.columns
     with fs.open(chunk.path, "rb") as fh:

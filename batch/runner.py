@@ -9,20 +9,21 @@ marker. The driver only sees each chunk's small stats dict; it never holds rows.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import pickle
 import re
 import time
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
 import pyarrow as pa
 
-from batch import commit
+from batch import checkpoint, commit, storage
 from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
 from batch.errors import BatchInferError, TerminalError
@@ -43,6 +44,8 @@ class ChunkWork:
     results: list[EngineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
+    attempts: int = 0
+    prior_attempts: list[int] = field(default_factory=list)  # per row, for retried rows
 
 
 @dataclass
@@ -84,6 +87,13 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
     chunk: planning.Chunk = pickle.loads(row["chunk"])
     t0 = time.perf_counter()
     table = planning.read_chunk(spec, chunk, protocol)
+    prior: list[int] = []
+    if chunk.retry_of:
+        if commit.ATTEMPT in table.column_names:
+            prior = [int(a or 0) for a in table[commit.ATTEMPT].to_pylist()]
+        drop = [c for c in (commit.ERROR_CLASS, commit.ERROR_MESSAGE, commit.ATTEMPT)
+                if c in table.column_names]  # fmt: skip
+        table = table.drop_columns(drop)
     t1 = time.perf_counter()
     pipeline = load_pipeline(spec)
     requests: list[EngineRequest] = []
@@ -101,13 +111,54 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
             requests.append(EngineRequest(key=key, text=model_input))
         else:
             requests.append(EngineRequest(key=key, messages=tuple(model_input)))
-    work = ChunkWork(chunk=chunk, table=table, requests=requests, failures=failures)
+    work = ChunkWork(
+        chunk=chunk, table=table, requests=requests, failures=failures, prior_attempts=prior
+    )
     work.timings.update(read_s=t1 - t0, prepare_s=time.perf_counter() - t1)
     return {"chunk_id": chunk.chunk_id, "work": pickle.dumps(work, protocol=5)}
 
 
+class _Quarantine:
+    """Shared/exclusive gate on an engine: a chunk being retried runs alone.
+
+    When an engine dies, every chunk in flight on it loses an attempt. Running a retried
+    chunk alone means a chunk that kills the engine again is the only one blamed, so
+    innocent neighbours are never given up on.
+    """
+
+    def __init__(self) -> None:
+        self._cond = asyncio.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @asynccontextmanager
+    async def enter(self, alone: bool) -> AsyncIterator[None]:
+        async with self._cond:
+            if alone:
+                await self._cond.wait_for(lambda: not self._exclusive and self._shared == 0)
+                self._exclusive = True
+            else:
+                await self._cond.wait_for(lambda: not self._exclusive)
+                self._shared += 1
+        try:
+            yield
+        finally:
+            async with self._cond:
+                if alone:
+                    self._exclusive = False
+                else:
+                    self._shared -= 1
+                self._cond.notify_all()
+
+
 class EngineStage:
-    """Engine actor: holds one engine for the whole job and runs several chunks at once."""
+    """Engine actor: holds one engine for the whole job and runs several chunks at once.
+
+    Each chunk's attempt is recorded in the output before the engine sees it, so the count
+    survives crashes. An engine error retries the chunk (alone); a broken engine ends the
+    actor process, Ray restarts the actor and Ray Data resubmits its chunks; a chunk that
+    has used ``resources.max_attempts`` is given up and its rows go to ``_failed/``.
+    """
 
     def __init__(self, spec_json: str, model_path: str) -> None:
         from batch.engine import build_engine
@@ -115,6 +166,9 @@ class EngineStage:
         self.created = time.time()
         self.actor = uuid.uuid4().hex[:12]
         self.spec = JobSpec.model_validate_json(spec_json)
+        self.fs, self.root = storage.open_fs(
+            self.spec.output.path, self.spec.output.storage_options
+        )
         if self.spec.model.engine == "vllm":
             from batch.models import resolve_model
 
@@ -122,23 +176,48 @@ class EngineStage:
             model_path = resolve_model(model_path)
         self.engine = build_engine(self.spec, model_path)
         self.ready = time.time()
-        self.busy = 0
+        self.gate = _Quarantine()
         log.info("engine %s ready in %.1fs", self.actor, self.ready - self.created)
 
     async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         work: ChunkWork = pickle.loads(row["work"])
         t0 = time.time()
-        self.busy += 1
-        try:
-            work.results = await self.engine.run(work.requests) if work.requests else []
-        finally:
-            self.busy -= 1
+        work.results = await self._run(work) if work.requests else []
         work.timings.update(engine_start=t0, engine_end=time.time())
         work.engine = {"actor": self.actor, "created": self.created, "ready": self.ready}
         return {"chunk_id": row["chunk_id"], "work": pickle.dumps(work, protocol=5)}
 
+    async def _run(self, work: ChunkWork) -> list[EngineResult]:
+        chunk_id = work.chunk.chunk_id
+        limit = self.spec.resources.max_attempts
+        last_error = "the engine died while running this chunk"
+        while True:
+            attempt = checkpoint.begin_attempt(
+                self.fs, self.root, chunk_id, {"actor": self.actor, "at": time.time()}
+            )
+            work.attempts = min(attempt, limit)
+            if attempt > limit:
+                log.error("giving up on chunk %s after %d attempts", chunk_id, limit)
+                message = f"gave up after {limit} attempts; last error: {last_error}"
+                return [
+                    EngineResult(key=r.key, error_kind="ChunkFailed", error=message[:500])
+                    for r in work.requests
+                ]
+            try:
+                async with self.gate.enter(alone=attempt > 1):
+                    return await self.engine.run(work.requests)
+            except Exception as exc:
+                last_error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("chunk %s attempt %d failed: %s", chunk_id, attempt, last_error)
+                if not self.engine.healthy():
+                    # A dead engine cannot be revived in place; end the actor so Ray
+                    # restarts it with a fresh engine and resubmits its chunks.
+                    log.error("engine %s is dead; restarting the actor", self.actor)
+                    self.engine.close()
+                    os._exit(1)
 
-def commit_work(row: dict[str, Any], spec_json: str) -> dict[str, Any]:
+
+def commit_work(row: dict[str, Any], spec_json: str, fingerprint: str) -> dict[str, Any]:
     """Commit task: results -> output columns -> parts and marker. Returns only stats."""
     from pipelines import load_pipeline
 
@@ -147,7 +226,9 @@ def commit_work(row: dict[str, Any], spec_json: str) -> dict[str, Any]:
     t0 = time.perf_counter()
     data, failed = build_tables(spec, work, load_pipeline(spec))
     extra = {"engine": work.engine, "timings": work.timings}
-    marker = commit.commit_chunk(spec, work.chunk, data, failed, extra)
+    marker = commit.commit_chunk(
+        spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts
+    )
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
     return {"stats": pickle.dumps(marker)}
 
@@ -175,6 +256,11 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
     )
     failed = failed.append_column(
         commit.ERROR_MESSAGE, pa.array([failures[k][1] for k in fail_keys], pa.string())
+    )
+    prior = work.prior_attempts or [0] * table.num_rows
+    failed = failed.append_column(
+        commit.ATTEMPT,
+        pa.array([prior[k] + max(1, work.attempts) for k in fail_keys], pa.int16()),
     )
     return base, failed
 
@@ -258,7 +344,11 @@ def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
         ),
         **engine_resources,
     )
-    ds = ds.map(commit_work, fn_kwargs={"spec_json": spec_json}, num_cpus=0.25)
+    ds = ds.map(
+        commit_work,
+        fn_kwargs={"spec_json": spec_json, "fingerprint": plan.fingerprint},
+        num_cpus=0.25,
+    )
     return ds
 
 
@@ -268,19 +358,52 @@ def run_job(
     *,
     address: str | None = None,
     verbose: bool = False,
+    wait: bool = False,
+    lease_ttl: float = 60.0,
 ) -> RunSummary:
-    """Run (or resume) a job to completion. Raises BatchInferError with a one-line reason."""
-    from batch.ledger import build_ledger
+    """Run (or resume) a job to completion. Raises BatchInferError with a one-line reason.
+
+    Resuming is what a second call does: chunks with a marker are skipped. A call on an output
+    made by a different spec is refused; while another run holds the output's lease, the call
+    waits (``wait``) or raises ``LeaseHeld``.
+    """
     from pipelines import load_pipeline
 
     started = time.time()
     pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
     plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
+    record = checkpoint.job_record(
+        spec,
+        fingerprint=plan.fingerprint,
+        listing=plan.listing,
+        files=len(plan.files),
+        rows=plan.total_rows,
+        chunks=len(plan.chunks),
+    )
+    checkpoint.ensure_job_record(spec, record)  # refuses an output made by another spec
     reporter.planned(planning.describe(plan))
     manifest = commit.read_output_json(spec, commit.MANIFEST)
     if manifest is not None and not plan.pending:
         reporter.message("output already complete; nothing to do")
         return _summary_from(spec, manifest, plan, already_complete=True)
+    with checkpoint.hold_lease(spec, ttl=lease_ttl, wait=wait):
+        if wait:  # the run we waited for may have committed chunks meanwhile
+            plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
+        return _run_pending(spec, plan, reporter, started, address=address, verbose=verbose)
+
+
+def _run_pending(
+    spec: JobSpec,
+    plan: planning.Plan,
+    reporter: Reporter,
+    started: float,
+    *,
+    address: str | None,
+    verbose: bool,
+    rewrite_manifest: bool = False,
+) -> RunSummary:
+    from batch.ledger import build_ledger
+
     model_path = spec.model.path
     if spec.model.engine == "vllm" and not address:
         from batch.models import resolve_model
@@ -304,7 +427,7 @@ def run_job(
             released = time.time()
     else:
         released = time.time()
-    markers = commit.read_markers(spec, [c.chunk_id for c in plan.chunks])
+    markers = commit.read_markers(spec, commit.list_markers(spec))
     gpu_seconds = sum(released - e["created"] for e in engines.values() if e.get("created"))
     wall = time.time() - started
     ledger = build_ledger(
@@ -312,7 +435,10 @@ def run_job(
     )
     commit.write_json(spec, commit.LEDGER, ledger, create_only=False)
     manifest_doc = _manifest(spec, plan, markers, started)
-    commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=True)
+    if rewrite_manifest:  # retry-failed changed a complete output, under the lease
+        commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=False)
+    elif not commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=True):
+        log.info("the manifest was already written by another run of this job")
     summary = RunSummary(
         job=spec.name,
         output=spec.output.path,
@@ -329,23 +455,81 @@ def run_job(
     return summary
 
 
+_RETRY_ID = re.compile(r"^(?P<base>.+?)\.retry(?P<n>\d+)$")
+
+
+def retry_chunk_id(failed_part: str) -> str:
+    """``_failed/part-<id>.parquet`` -> ``<id>.retry1``; a retry of a retry counts up."""
+    cid = failed_part.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
+    m = _RETRY_ID.match(cid)
+    return f"{m['base']}.retry{int(m['n']) + 1}" if m else f"{cid}.retry1"
+
+
+def retry_failed(
+    spec: JobSpec,
+    reporter: Reporter,
+    *,
+    address: str | None = None,
+    verbose: bool = False,
+    wait: bool = False,
+    lease_ttl: float = 60.0,
+) -> RunSummary:
+    """Reprocess only the rows in ``_failed/`` (e.g. after raising max_model_len).
+
+    Each failed part becomes a retry chunk whose parts and marker are committed like any
+    chunk; its marker names the failed part it takes over, which is then removed. A row
+    therefore ends up in ``data/`` or still in ``_failed/`` (with its attempt count one
+    higher), never both; a retry cut short is finished by the next command on the output.
+    """
+    started = time.time()
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    record = checkpoint.read_job_record(fs, root)
+    if record is None:
+        raise TerminalError(
+            f"{spec.output.path} holds no batchinfer job (no {checkpoint.JOB_RECORD})"
+        )
+    with checkpoint.hold_lease(spec, ttl=lease_ttl, wait=wait):
+        markers = commit.read_markers(spec, commit.list_markers(spec))
+        cleaned = commit.clean_superseded(spec, markers)
+        if cleaned:
+            log.info("finished %d retries that were cut short", cleaned)
+        parts = sorted(commit.live_failed_parts(markers))
+        chunks = []
+        files = []
+        for part in parts:
+            rows, _ = planning.read_footer(fs, storage.join(root, part))
+            cid = retry_chunk_id(part)
+            chunks.append(planning.Chunk(cid, part, part, 0, rows, retry_of=part))
+            files.append(planning.InputFile(part, part, rows))
+        plan = planning.Plan(files=files, chunks=chunks, done=set(), schema=pa.schema([]),
+                             protocol="file")  # fmt: skip
+        plan.pending = list(chunks)
+        plan.fingerprint = checkpoint.job_fingerprint(spec, str(record["input"]["listing"]))
+        reporter.planned(planning.describe(plan))
+        return _run_pending(
+            spec, plan, reporter, started, address=address, verbose=verbose,
+            rewrite_manifest=True,
+        )  # fmt: skip
+
+
 def _manifest(
     spec: JobSpec, plan: planning.Plan, markers: list[dict[str, Any]], started: float
 ) -> dict[str, Any]:
     from batch import __version__
 
+    live = commit.live_failed_parts(markers)
     return {
         "job": spec.name,
-        "fingerprint": spec.fingerprint(),
+        "fingerprint": plan.fingerprint,
         "input": spec.input.path,
         "output": spec.output.path,
         "files": len(plan.files),
-        "chunks": len(markers),
+        "chunks": sum(1 for m in markers if not m.get("supersedes")),
+        "retries": sum(1 for m in markers if m.get("supersedes")),
         "rows": sum(m["rows"] for m in markers),
-        "failed_rows": sum(m["failed_rows"] for m in markers),
-        "input_rows": plan.total_rows,
+        "failed_rows": sum(m["failed_rows"] for m in markers if m.get("failed_part") in live),
         "data_parts": sorted(m["data_part"] for m in markers if m.get("data_part")),
-        "failed_parts": sorted(m["failed_part"] for m in markers if m.get("failed_part")),
+        "failed_parts": sorted(live),
         "started_at": started,
         "finished_at": time.time(),
         "batchinfer_version": __version__,

@@ -150,6 +150,12 @@ class ResourcesSpec(_Spec):
         ge=1,
         description="Chunks an engine works on at once, so the engine never idles between chunks.",
     )
+    max_attempts: int = Field(
+        default=3,
+        ge=1,
+        description="Attempts at a chunk before it is given up and its rows go to _failed/ "
+        "(a chunk being retried runs alone on its engine).",
+    )
     cpus_per_replica: float = Field(
         default=1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
     )
@@ -216,15 +222,20 @@ class JobSpec(_Spec):
     def pipeline_name(self) -> str:
         return self.pipeline or self.model.task
 
-    def fingerprint(self) -> str:
-        """A digest of everything that determines the output rows (not where they go)."""
+    def fingerprint_fields(self) -> dict[str, Any]:
+        """What determines the output rows (not where they go, nor how fast): for fingerprints."""
         relevant = self.model_dump(
             mode="json",
             include={"input", "model", "pipeline", "pipeline_options", "prompt", "sampling"},
         )
         relevant["input"].pop("storage_options", None)
+        relevant["pipeline"] = self.pipeline_name
         relevant["resources"] = {"rows_per_chunk": self.resources.rows_per_chunk}
-        blob = json.dumps(relevant, sort_keys=True, separators=(",", ":"))
+        return relevant
+
+    def fingerprint(self) -> str:
+        """A digest of :meth:`fingerprint_fields`."""
+        blob = json.dumps(self.fingerprint_fields(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

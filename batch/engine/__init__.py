@@ -50,6 +50,10 @@ class Engine(Protocol):
 
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]: ...
 
+    def healthy(self) -> bool:
+        """False once the engine cannot serve again (its process died); the actor restarts."""
+        ...
+
     def close(self) -> None: ...
 
 

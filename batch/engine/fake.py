@@ -6,6 +6,9 @@
 - ``crash_on_text`` (str): a chunk holding a row with this text raises (engine fault).
 - ``delay_per_token`` (float seconds, default 0): simulated decode time.
 - ``dims`` (int, default 8): embedding size.
+- ``die_on_text`` (str) with ``die_flag_dir`` (path): the first time a chunk holds a row with
+  this text, the engine actor's process exits (as a crashed engine takes its actor down);
+  the flag file in ``die_flag_dir`` makes it happen once per text and job.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import math
+import os
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -37,11 +41,15 @@ class FakeEngine:
         self.crash_marker = opts.get("crash_on_text")
         self.delay = float(opts.get("delay_per_token", 0.0))
         self.dims = int(opts.get("dims", 8))
+        self.die_marker = opts.get("die_on_text")
+        self.die_flag_dir = opts.get("die_flag_dir")
 
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         results = []
         for req in requests:
             prompt = _prompt_text(req)
+            if self.die_marker and self.die_marker in prompt:
+                self._maybe_die()
             if self.crash_marker and self.crash_marker in prompt:
                 raise FakeEngineCrash(f"fake engine told to crash on {self.crash_marker!r}")
             results.append(self._one(req, prompt))
@@ -75,6 +83,18 @@ class FakeEngine:
         return EngineResult(
             key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
         )
+
+    def _maybe_die(self) -> None:
+        flag = os.path.join(str(self.die_flag_dir or "."), "fake-engine-died")
+        try:
+            fd = os.open(flag, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return
+        os.close(fd)
+        os._exit(3)
+
+    def healthy(self) -> bool:
+        return True
 
     def close(self) -> None:
         return None

@@ -143,6 +143,9 @@ class VLLMEngine:
             return list(self._tokenizer.encode(str(text), add_special_tokens=False))
         return list(self._tokenizer.encode(req.text or ""))
 
+    def healthy(self) -> bool:
+        return not self._engine.errored
+
     def close(self) -> None:
         """Stop the engine core process; without this it can outlive the actor."""
         self._engine.shutdown()

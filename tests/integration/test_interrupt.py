@@ -16,8 +16,14 @@ LEFTOVER = ("VLLM::", "ray::", "raylet", "gcs_server", "EngineCore")
 
 
 def leftovers() -> list[str]:
-    out = subprocess.run(["ps", "-eo", "pid,args"], capture_output=True, text=True).stdout
-    return [ln for ln in out.splitlines()[1:] if any(k in ln for k in LEFTOVER)]
+    """Live engine or Ray processes (zombies hold nothing; they wait for their parent)."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    rows = [ln.split(None, 2) for ln in out.splitlines()[1:]]
+    return [
+        " ".join(r)
+        for r in rows
+        if len(r) == 3 and not r[1].startswith("Z") and any(k in r[2] for k in LEFTOVER)
+    ]
 
 
 def test_ctrl_c_releases_engines_and_leaves_no_processes(

@@ -15,7 +15,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch.errors import BatchInferError
 from batch.progress import NullReporter
 from batch.runner import ray_session, run_job
 from batch.spec import JobSpec, parse_spec
@@ -134,15 +133,34 @@ def test_embeddings_are_fixed_size_float32(reviews: Path, tmp_path: Path) -> Non
     assert data.num_rows == 92
 
 
-def test_engine_crash_fails_the_job_with_one_line_and_keeps_commits(
+def test_poison_chunk_is_given_up_after_bounded_attempts_and_the_job_finishes(
     reviews: Path, tmp_path: Path
 ) -> None:
     out = tmp_path / "out"
-    spec = fake_job(
-        reviews, out, **{"model.fake_options": "{crash_on_text: 'rain jacket', max_model_len: 400}"}
-    )
-    with pytest.raises(BatchInferError) as info:
-        run_job(spec, NullReporter())
-    assert "FakeEngineCrash" in str(info.value)
-    assert "\n" not in str(info.value)
-    assert not (out / "_MANIFEST.json").exists()
+    opts = "{crash_on_text: 'rain jacket', max_model_len: 400}"
+    summary = run_job(fake_job(reviews, out, **{"model.fake_options": opts}), NullReporter())
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+    given_up = [r for r in failed.to_pylist() if r["_error_class"] == "ChunkFailed"]
+    assert given_up, "the chunks holding a 'rain jacket' review are given up"
+    assert all(r["_attempt"] == 3 for r in given_up)
+    assert "gave up after 3 attempts" in given_up[0]["_error_message"]
+    assert "FakeEngineCrash" in given_up[0]["_error_message"]
+    assert summary.failed_rows == failed.num_rows
+    assert (out / "_MANIFEST.json").exists()
+    assert list((out / "_attempts").glob("*")) == [], "attempt records go once committed"
+
+
+def test_engine_actor_death_is_survived_with_exactly_once_output(
+    reviews: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    opts = f"{{die_on_text: 'rain jacket', die_flag_dir: '{tmp_path}', max_model_len: 400}}"
+    summary = run_job(fake_job(reviews, out, **{"model.fake_options": opts}), NullReporter())
+    assert (tmp_path / "fake-engine-died").exists(), "the engine actor did die once"
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+    assert summary.failed_rows == 4  # only the demo data's four bad rows
+    assert "ChunkFailed" not in failed["_error_class"].to_pylist()
