@@ -8,6 +8,7 @@ redoes only what was not committed.
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,8 +16,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from batch.errors import SpecError
 from batch.progress import NullReporter
-from batch.runner import ray_session, run_job
+from batch.runner import ray_session, retry_failed, run_job
 from batch.spec import JobSpec, parse_spec
 
 
@@ -164,3 +166,65 @@ def test_engine_actor_death_is_survived_with_exactly_once_output(
     assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
     assert summary.failed_rows == 4  # only the demo data's four bad rows
     assert "ChunkFailed" not in failed["_error_class"].to_pylist()
+
+
+def test_resume_with_a_changed_spec_is_refused(reviews: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_job(fake_job(reviews, out), NullReporter())
+    changed = fake_job(reviews, out, **{"sampling.max_tokens": "16"})
+    with pytest.raises(SpecError, match=r"changed: sampling.max_tokens: 8 -> 16"):
+        run_job(changed, NullReporter())
+
+
+def test_retry_failed_moves_fixed_rows_to_data_exactly_once(reviews: Path, tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    run_job(fake_job(reviews, out), NullReporter())
+    # the over-long rows fail at max_model_len 400; allow more and retry only those rows
+    bigger = fake_job(reviews, out, **{"model.fake_options": "{max_model_len: 5000}"})
+    summary = retry_failed(bigger, NullReporter())
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+    assert sorted(failed["review_id"].to_pylist()) == ["r000005", "r000053"]  # null bodies
+    assert failed["_attempt"].to_pylist() == [2, 2]
+    assert {"r000011", "r000059"} <= set(data["review_id"].to_pylist())
+    assert summary.rows == 94 and summary.failed_rows == 2
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    assert manifest["failed_rows"] == 2 and manifest["retries"] == 4
+    assert sorted(p.name for p in (out / "_failed").iterdir()) == sorted(
+        Path(p).name for p in manifest["failed_parts"]
+    )
+
+
+def test_two_runs_at_once_produce_no_duplicates(reviews: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(
+        f"""
+name: twice
+input: {{path: "{reviews}", id_column: review_id}}
+output: {{path: "{out}"}}
+model: {{path: m, engine: fake, fake_options: {{max_model_len: 400, delay_per_token: 0.02}}}}
+prompt: {{template: "{{{{ body }}}}"}}
+sampling: {{max_tokens: 8}}
+resources: {{rows_per_chunk: 8}}
+"""
+    )
+    cmd = [sys.executable, "-m", "batch.cli", "submit", str(job), "--quiet"]
+    first = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(
+        [*cmd, "--wait"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    time.sleep(3)
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    r1, r2 = first.communicate(timeout=300), second.communicate(timeout=300)
+    codes = sorted([first.returncode, second.returncode])
+    assert codes == [0, 0], (r1, r2)  # one ran, the other waited for it, then found it done
+    if third.returncode != 0:  # it started while another run held the output
+        assert third.returncode == 3 and "another run holds" in third.stderr
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
