@@ -72,18 +72,23 @@ class Plan:
         return sum(c.rows for c in self.pending)
 
 
-def chunk_id(relpath: str, row_start: int, row_end: int) -> str:
+def _stem(relpath: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", relpath.rsplit("/", 1)[-1].removesuffix(".parquet"))
+
+
+def chunk_id(relpath: str, row_start: int, row_end: int, stem: str | None = None) -> str:
     """Readable and unique: ``<file stem>.<start>-<end>.<hash of path and range>``."""
-    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", relpath.rsplit("/", 1)[-1].removesuffix(".parquet"))
+    stem = _stem(relpath) if stem is None else stem
     digest = hashlib.sha256(f"{relpath}\0{row_start}\0{row_end}".encode()).hexdigest()[:10]
     return f"{stem[:40]}.{row_start:09d}-{row_end:09d}.{digest}"
 
 
 def cut_chunks(files: Iterable[InputFile], rows_per_chunk: int) -> Iterator[Chunk]:
     for f in files:
+        stem = _stem(f.relpath)  # once per file, not per chunk
         for start in range(0, f.num_rows, rows_per_chunk):
             end = min(start + rows_per_chunk, f.num_rows)
-            yield Chunk(chunk_id(f.relpath, start, end), f.path, f.relpath, start, end)
+            yield Chunk(chunk_id(f.relpath, start, end, stem), f.path, f.relpath, start, end)
 
 
 def list_input(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, str]]:
