@@ -292,6 +292,158 @@ def retry_failed_cmd(
 
 
 @app.command()
+def ledger(
+    target: TargetArg,
+    set_: SetOption = None,
+    storage_options: StorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print ledger.json.")] = False,
+    reprice: Annotated[
+        bool,
+        typer.Option(
+            "--reprice",
+            help="Recompute the prices from the run's usage with the current price table and "
+            "--set ledger.* overrides (e.g. --set ledger.gpu=L4), and save.",
+        ),
+    ] = False,
+) -> None:
+    """What a finished run cost, against the APIs people use instead (batch discounts
+    included). Prints a table and writes ledger.md and a chart ledger.png to the output.
+
+    Examples:
+
+      batchinfer ledger out/enrich-reviews/
+
+      batchinfer ledger jobs/enrich.yaml --reprice --set ledger.cpu_hour_usd=0.05
+    """
+    from batch import commit, storage
+    from batch.report import chart_png, print_table, to_markdown
+
+    _configure_logging(False, False)
+    try:
+        spec = _spec_for(target, set_ or [], storage_options)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    doc = commit.read_output_json(spec, commit.LEDGER)
+    if doc is None:
+        _fail(f"{spec.output.path}: no ledger.json yet (the job has not finished a run)", 1)
+        return
+    if reprice:
+        from batch.ledger import build_ledger
+
+        markers = commit.read_markers(spec, commit.list_markers(spec))
+        per_acc = doc["gpu_seconds"] / max(1e-9, _accelerators(spec))
+        try:
+            doc = build_ledger(
+                spec,
+                markers,
+                wall_seconds=doc["wall_seconds"],
+                gpu_seconds=per_acc,
+                engines=doc.get("engine_replicas", 1),
+            )
+        except BatchInferError as exc:
+            _fail(str(exc), 2)
+            return
+        commit.write_json(spec, commit.LEDGER, doc, create_only=False)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    print_table(doc)
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    for name, body in (("ledger.md", to_markdown(doc).encode()), ("ledger.png", chart_png(doc))):
+        with fs.open(storage.join(root, name), "wb") as fh:
+            fh.write(body)
+    typer.echo(f"wrote {spec.output.path.rstrip('/')}/ledger.md and ledger.png")
+
+
+def _accelerators(spec: JobSpec) -> float:
+    from batch.ledger import accelerators
+
+    return accelerators(spec)
+
+
+@app.command("plan")
+def plan_cmd(
+    job: Annotated[Path, typer.Argument(help="The job file.")],
+    set_: SetOption = None,
+    sample: Annotated[
+        int,
+        typer.Option(
+            "--sample",
+            help="Run this many rows for real first (engine start included) to measure output "
+            "length and throughput, and so estimate GPU-hours and the run's cost.",
+        ),
+    ] = 0,
+    tokenize: Annotated[
+        int, typer.Option(help="Rows to tokenize for the input-token estimate.")
+    ] = 256,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """A dry run before any GPU starts: rows and chunks, estimated tokens, rows too long for
+    the context, and what the same tokens would cost through the APIs.
+
+    Examples:
+
+      batchinfer plan jobs/enrich.yaml
+
+      batchinfer plan jobs/enrich.yaml --sample 32
+    """
+    from batch.estimate import estimate
+    from batch.spec import load_spec
+
+    _configure_logging(False, not sys.stdout.isatty())
+    try:
+        spec = load_spec(job, set_ or [])
+        doc = estimate(spec, sample=tokenize, measure=sample)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    except BatchInferError as exc:
+        _fail(str(exc), 1)
+        return
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    from batch.report import comparison_rows
+
+    c = Console()
+    c.print(
+        f"[bold]{doc['job']}[/bold]: {doc['rows']:,} rows in {doc['files']} files, "
+        f"{doc['chunks']:,} chunks ({doc['committed_chunks']} already committed)"
+    )
+    c.print(
+        f"input tokens ~{doc['est_input_tokens']:,} ({doc['mean_input_tokens_per_row']} per row, "
+        f"from {doc['sampled_rows']} rows tokenized); output tokens at most "
+        f"{doc['est_output_tokens_max']:,}"
+    )
+    c.print(
+        f"rows that would fail: ~{doc['est_failed_rows']:,} (in the sample: "
+        f"{doc['sample_failed_rows']} unusable, {doc['sample_too_long_rows']} longer than the "
+        f"{doc['context_length']:,}-token context)"
+    )
+    m = doc.get("measured")
+    if m:
+        c.print(
+            f"measured on {m['rows']} rows: {m['output_tokens_per_row']} output tokens/row, "
+            f"{m['rows_per_second_per_replica']} rows/s per replica, engine start "
+            f"{m['engine_load_seconds']}s -> ~{doc.get('est_wall_hours', 0):.3f} h, "
+            f"{doc.get('est_accelerator_hours', 0):.3f} accelerator-hours x "
+            f"${doc['gpu_hour_usd']}/h = ${doc.get('est_run_cost_usd', 0):,.4f}"
+        )
+    else:
+        c.print("[dim]run with --sample N to measure throughput and estimate GPU-hours[/dim]")
+    table = Table(
+        "comparator", "list price", "batch price", "savings vs batch", "break-even rows/day"
+    )
+    for r in comparison_rows({"comparisons": doc["comparisons"]}):
+        table.add_row(*r)
+    c.print(table)
+
+
+@app.command()
 def validate(
     job: Annotated[Path, typer.Argument(help="The job file.")],
     set_: SetOption = None,

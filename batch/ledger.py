@@ -1,7 +1,21 @@
-"""The cost ledger: what the run used (tokens, rows, time, accelerator-seconds).
+"""The cost ledger: what a run cost, and what the same tokens cost at API list prices.
 
-Token counts are the engine's own (its tokenizer, chat template included). This issue's
-ledger holds usage; prices and API comparisons are added on top of these fields.
+Usage comes from the markers (the engine's own token counts, chat template included) and
+from the engine actors' lifetimes: accelerator-seconds are held from actor start to release,
+model load and idle time included, because that is what a cloud bills. Prices come from the
+versioned price table (``batch/data/prices.yaml``) with the job's overrides; every row used
+is copied into the ledger with its source and date.
+
+Definitions (also written into the ledger's ``notes``):
+- ``run_cost_usd`` = accelerator-hours x rate per accelerator-hour (``gpu_hour_usd``; on the
+  CPU default the instance rate).
+- per comparator: ``list_usd`` at list price, ``batch_usd`` after the provider's batch
+  discount, ``savings_vs_batch`` = 1 - run_cost / batch_usd (0.9: 90% cheaper than the batch
+  API; negative: dearer), ``cost_ratio`` = batch_usd / run_cost.
+- break-even: a self-hosted accelerator costs rate x 24 a day whether busy or not; at the
+  measured throughput and the stated utilisation it can process ``capacity_rows_per_day``;
+  it beats a comparator's batch price from ``break_even_rows_per_day`` rows a day on, if
+  that is within capacity.
 """
 
 from __future__ import annotations
@@ -10,6 +24,113 @@ from collections.abc import Sequence
 from typing import Any
 
 from batch.spec import JobSpec
+
+TOKENIZER_NOTE = (
+    "Token counts are our model's (its tokenizer and chat template); API models tokenize "
+    "differently, typically within +-20% for English text, so comparisons are estimates."
+)
+
+
+def usage(markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Rows, failures and tokens over every committed chunk (all runs, retries included)."""
+    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
+    starts = [
+        m["timings"]["engine_start"] for m in markers if "engine_start" in m.get("timings", {})
+    ]
+    ends = [m["timings"]["engine_end"] for m in markers if "engine_end" in m.get("timings", {})]
+    return {
+        "rows": sum(int(m["rows"]) for m in markers),
+        "failed_rows": sum(
+            int(m["failed_rows"]) for m in markers if m.get("failed_part") not in superseded
+        ),
+        "chunks": sum(1 for m in markers if not m.get("supersedes")),
+        "input_tokens": sum(int(m["input_tokens"]) for m in markers),
+        "output_tokens": sum(int(m["output_tokens"]) for m in markers),
+        "engine_window_seconds": round(max(ends) - min(starts), 3) if starts and ends else 0.0,
+    }
+
+
+def accelerators(spec: JobSpec) -> float:
+    """Accelerators (or CPU instances) each engine replica holds."""
+    return spec.resources.gpus_per_replica if spec.resources.device == "gpu" else 1.0
+
+
+def price_rate(spec: JobSpec, table: Any) -> tuple[float, dict[str, Any]]:
+    """USD per accelerator-hour (instance-hour on cpu), and the price row it came from."""
+    led = spec.ledger
+    if spec.resources.device == "cpu":
+        if led.cpu_hour_usd is not None:
+            return led.cpu_hour_usd, {"source": "job: ledger.cpu_hour_usd"}
+        row = table.cpu_rate()
+        return float(row.usd_per_hour), row.model_dump(mode="json")
+    if led.gpu_hour_usd is not None:
+        return led.gpu_hour_usd, {"source": "job: ledger.gpu_hour_usd", "gpu": led.gpu}
+    default = table.defaults.gpu
+    row = table.gpu_rate(led.gpu_provider or default.provider, led.gpu or default.gpu)
+    return float(row.usd_per_hour), row.model_dump(mode="json")
+
+
+def comparator_keys(spec: JobSpec, table: Any) -> list[str]:
+    if spec.ledger.comparators is not None:
+        return list(spec.ledger.comparators)
+    d = table.defaults
+    return list(d.embed_comparators if spec.model.task == "embed" else d.generate_comparators)
+
+
+def load_table(spec: JobSpec) -> Any:
+    from batch.prices import load_price_table
+
+    table = load_price_table(spec.ledger.price_table)
+    return table.merged(spec.ledger.prices) if spec.ledger.prices else table
+
+
+def compare(
+    spec: JobSpec,
+    table: Any,
+    *,
+    input_tokens: int,
+    output_tokens: int,
+    run_cost_usd: float,
+    rows: int,
+    rows_per_second: float,
+    rate: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Per-comparator costs and break-even, and the price rows used."""
+    from batch.prices import api_cost, embedding_cost
+
+    comparisons: list[dict[str, Any]] = []
+    used: list[dict[str, Any]] = []
+    n_acc = accelerators(spec) * spec.resources.replicas
+    day_cost = rate * 24 * n_acc
+    capacity = rows_per_second * 86400 * spec.ledger.utilisation
+    for key in comparator_keys(spec, table):
+        if spec.model.task == "embed":
+            eprice = table.embedding_price(key)
+            list_usd = embedding_cost(eprice, input_tokens)
+            row = eprice.model_dump(mode="json")
+        else:
+            cprice = table.chat_price(key)
+            list_usd = api_cost(cprice, input_tokens, output_tokens)
+            row = cprice.model_dump(mode="json")
+        discount = table.batch_discount(row["provider"])
+        batch_usd = list_usd * (1 - discount)
+        used.append(row)
+        per_row = batch_usd / rows if rows else 0.0
+        break_even = day_cost / per_row if per_row > 0 else None
+        comparisons.append(
+            {
+                "provider": row["provider"],
+                "model": row["model"],
+                "list_usd": round(list_usd, 6),
+                "batch_usd": round(batch_usd, 6),
+                "batch_discount": discount,
+                "savings_vs_batch": round(1 - run_cost_usd / batch_usd, 4) if batch_usd else None,
+                "cost_ratio": round(batch_usd / run_cost_usd, 3) if run_cost_usd else None,
+                "break_even_rows_per_day": round(break_even) if break_even else None,
+                "beats_batch_within_capacity": bool(break_even and break_even <= capacity),
+            }
+        )
+    return comparisons, used
 
 
 def build_ledger(
@@ -20,26 +141,53 @@ def build_ledger(
     gpu_seconds: float,
     engines: int,
 ) -> dict[str, Any]:
-    """Totals over every committed chunk (all runs of the job), plus this run's time."""
-    rows = sum(int(m["rows"]) for m in markers)
-    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
-    failed = sum(int(m["failed_rows"]) for m in markers if m.get("failed_part") not in superseded)
-    inp = sum(int(m["input_tokens"]) for m in markers)
-    out = sum(int(m["output_tokens"]) for m in markers)
+    """The ledger document (``ledger.json``)."""
+    use = usage(markers)
+    table = load_table(spec)
+    rate, rate_row = price_rate(spec, table)
+    accel_seconds = gpu_seconds * accelerators(spec)
+    run_cost = accel_seconds / 3600 * rate
+    tokens = use["input_tokens"] + use["output_tokens"]
+    window = use["engine_window_seconds"] or wall_seconds
+    rows_per_second = use["rows"] / window / max(1, engines) if window else 0.0
+    comparisons, used = compare(
+        spec,
+        table,
+        input_tokens=use["input_tokens"],
+        output_tokens=use["output_tokens"],
+        run_cost_usd=run_cost,
+        rows=use["rows"],
+        rows_per_second=rows_per_second,
+        rate=rate,
+    )
     return {
         "job": spec.name,
         "model": spec.model.path,
         "task": spec.model.task,
-        "rows": rows,
-        "failed_rows": failed,
-        "chunks": sum(1 for m in markers if not m.get("supersedes")),
-        "input_tokens": inp,
-        "output_tokens": out,
+        **use,
         "wall_seconds": round(wall_seconds, 3),
-        "gpu_seconds": round(gpu_seconds, 3),
+        "gpu_seconds": round(accel_seconds, 3),
         "engine_replicas": engines,
         "device": spec.resources.device,
-        "output_tokens_per_second": round(out / wall_seconds, 3) if wall_seconds else 0.0,
-        "notes": "gpu_seconds: accelerator-seconds held by engine actors of the last run, from "
-        "actor start (model load included) to release; on device cpu they are CPU-seconds.",
+        "gpu_hour_usd": rate,
+        "run_cost_usd": round(run_cost, 6),
+        "usd_per_million_tokens": round(run_cost / tokens * 1e6, 6) if tokens else None,
+        "output_tokens_per_second": round(use["output_tokens"] / wall_seconds, 3)
+        if wall_seconds
+        else 0.0,
+        "rows_per_second_per_replica": round(rows_per_second, 4),
+        "utilisation_assumed": spec.ledger.utilisation,
+        "price_table_version": table.version,
+        "price_rows": {"rate": rate_row, "comparators": used},
+        "comparisons": comparisons,
+        "notes": [
+            TOKENIZER_NOTE,
+            "gpu_seconds: accelerator-seconds held by the engine actors of the last run, "
+            "from actor start (model load included) to release, idle time included; on "
+            "device cpu they are instance-seconds and gpu_hour_usd is the instance rate.",
+            "savings_vs_batch = 1 - run_cost_usd / batch_usd; cost_ratio = batch_usd / "
+            "run_cost_usd; break_even_rows_per_day: rows a day from which a dedicated "
+            "accelerator (rate x 24 h) is cheaper than the batch API, to be compared with "
+            "the capacity at the measured throughput and utilisation_assumed.",
+        ],
     }

@@ -161,6 +161,46 @@ class ResourcesSpec(_Spec):
     )
 
 
+class LedgerSpec(_Spec):
+    price_table: str | None = Field(
+        default=None,
+        description="A price table file to use instead of the packaged one "
+        "(batch/data/prices.yaml); same format.",
+    )
+    prices: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Rows that replace or extend the price table, by list: {chat: [...], "
+        "embedding: [...], gpu: [...], batch_discounts: [...], cpu: [...]}.",
+    )
+    gpu: str | None = Field(
+        default=None,
+        description="Accelerator type for the rate lookup, e.g. H100-SXM, A100-80GB, L4. "
+        "Default: the table's default.",
+    )
+    gpu_provider: str | None = Field(
+        default=None, description="Cloud for the GPU rate lookup (aws, lambda, runpod-secure, ...)."
+    )
+    gpu_hour_usd: float | None = Field(
+        default=None, ge=0, description="Your own rate per accelerator-hour; overrides the table."
+    )
+    cpu_hour_usd: float | None = Field(
+        default=None,
+        ge=0,
+        description="Rate per instance-hour when device is cpu; default: the table's cpu row.",
+    )
+    comparators: list[str] | None = Field(
+        default=None,
+        description="API models to compare with, as provider/model keys of the price table. "
+        "Default: the table's defaults for the task.",
+    )
+    utilisation: float = Field(
+        default=0.7,
+        gt=0,
+        le=1,
+        description="Share of the day a self-hosted accelerator is busy, for the break-even.",
+    )
+
+
 class JobSpec(_Spec):
     name: str = Field(
         description="Job name; part of the run id. Letters, digits, '-', '_' and '.'."
@@ -181,6 +221,10 @@ class JobSpec(_Spec):
     )
     resources: ResourcesSpec = Field(
         default_factory=lambda: ResourcesSpec(), description="Engines, devices and chunking."
+    )
+    ledger: LedgerSpec = Field(
+        default_factory=lambda: LedgerSpec(),
+        description="Prices for the cost ledger: rates, comparators, overrides.",
     )
 
     @field_validator("name")

@@ -10,6 +10,7 @@ ids are handed to vLLM, so the token counts we report are the ones the engine sa
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import os
@@ -64,6 +65,10 @@ class VLLMEngine:
             ) from exc
         log.info("starting vLLM engine (pid %s): %s", os.getpid(), args)
         self._engine = vllm.AsyncLLMEngine.from_engine_args(engine_args)  # = v1 AsyncLLM
+        # The engine core and its workers are child processes; if the core dies, its workers
+        # are re-parented away from us and would live on holding memory (or a GPU). Remember
+        # them now so close() can end every one.
+        self._processes = _descendants()
         self._tokenizer = self._engine.get_tokenizer()
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self._ids = itertools.count()
@@ -147,5 +152,28 @@ class VLLMEngine:
         return not self._engine.errored
 
     def close(self) -> None:
-        """Stop the engine core process; without this it can outlive the actor."""
-        self._engine.shutdown()
+        """Stop the engine and every process it started; none may outlive the actor."""
+        try:
+            self._engine.shutdown()
+        finally:
+            _terminate(self._processes)
+
+
+def _descendants() -> list[Any]:
+    import psutil
+
+    return list(psutil.Process().children(recursive=True))
+
+
+def _terminate(processes: list[Any]) -> None:
+    """SIGTERM, then SIGKILL, the processes still running (psutil checks pid reuse)."""
+    import psutil
+
+    alive = [p for p in processes if p.is_running()]
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.terminate()
+    _, still = psutil.wait_procs(alive, timeout=5)
+    for p in still:
+        with contextlib.suppress(psutil.Error):
+            p.kill()

@@ -6,6 +6,7 @@ import json
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,24 @@ def looks_like_english(text: str) -> bool:
         and letters >= 0.6 * len(text.replace(" ", ""))
         and any(w.lower() in COMMON_WORDS for w in words)
     )
+
+
+LEFTOVER = ("VLLM::", "ray::", "raylet", "gcs_server", "EngineCore")
+
+
+def leftovers() -> list[str]:
+    """Live engine or Ray processes (zombies hold nothing; they wait for their parent)."""
+    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
+    rows = [ln.split(None, 2) for ln in out.splitlines()[1:]]
+    return [
+        " ".join(r)
+        for r in rows
+        if len(r) == 3 and not r[1].startswith("Z") and any(k in r[2] for k in LEFTOVER)
+    ]
+
+
+def wait_for_no_leftovers(seconds: float = 30) -> list[str]:
+    deadline = time.time() + seconds
+    while leftovers() and time.time() < deadline:
+        time.sleep(1)
+    return leftovers()

@@ -15,7 +15,7 @@ import fsspec
 import pyarrow.parquet as pq
 
 from batch.demo import write_reviews
-from tests.integration.helpers import read_parts
+from tests.integration.helpers import read_parts, wait_for_no_leftovers
 
 
 def engine_core_pids() -> list[int]:
@@ -52,6 +52,8 @@ def test_killed_engine_process_is_replaced(demo_models: dict[str, Path], tmp_pat
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 0, err[-3000:]
+    # the killed core's workers were ended too: no vLLM or Ray process outlives the job
+    assert wait_for_no_leftovers() == []
     fs = fsspec.filesystem("file")
     data, failed = read_parts(fs, str(out / "data")), read_parts(fs, str(out / "_failed"))
     ids = collections.Counter(data["review_id"].to_pylist() + failed["review_id"].to_pylist())

@@ -11,19 +11,7 @@ import time
 from pathlib import Path
 
 from batch.demo import write_reviews
-
-LEFTOVER = ("VLLM::", "ray::", "raylet", "gcs_server", "EngineCore")
-
-
-def leftovers() -> list[str]:
-    """Live engine or Ray processes (zombies hold nothing; they wait for their parent)."""
-    out = subprocess.run(["ps", "-eo", "pid,stat,args"], capture_output=True, text=True).stdout
-    rows = [ln.split(None, 2) for ln in out.splitlines()[1:]]
-    return [
-        " ".join(r)
-        for r in rows
-        if len(r) == 3 and not r[1].startswith("Z") and any(k in r[2] for k in LEFTOVER)
-    ]
+from tests.integration.helpers import leftovers, wait_for_no_leftovers
 
 
 def test_ctrl_c_releases_engines_and_leaves_no_processes(
@@ -59,10 +47,7 @@ def test_ctrl_c_releases_engines_and_leaves_no_processes(
             os.killpg(proc.pid, signal.SIGKILL)
     assert proc.returncode == 130, err[-2000:]
     assert "interrupted: engines released" in err
-    deadline = time.time() + 30
-    while leftovers() and time.time() < deadline:
-        time.sleep(1)
-    assert leftovers() == []
+    assert wait_for_no_leftovers() == []
     # What was committed before the interrupt is kept, and only complete chunks are there.
     markers = list((tmp_path / "out" / "_markers").glob("*.json"))
     parts = list((tmp_path / "out" / "data").glob("*.parquet"))

@@ -1,0 +1,189 @@
+"""A dry run before any GPU starts: how big the job is and what it will cost.
+
+Rows and chunks come from the plan (listing and footers). Input tokens are estimated by
+tokenizing a sample of rows with the model's own tokenizer, prompt template and chat
+template, exactly as the engine will; output tokens are bounded by ``max_tokens``. With a
+measured sample (``--sample N``), N rows run for real on the engine in a scratch output,
+which gives the output length and the throughput, and so GPU-hours and the run's cost.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from batch import plan as planning
+from batch.errors import RowError
+from batch.spec import JobSpec
+
+
+def sample_rows(spec: JobSpec, plan: planning.Plan, n: int) -> pa.Table:
+    """Up to ``n`` rows spread over the plan's chunks (a few whole chunks, evenly spaced)."""
+    if not plan.chunks or n <= 0:
+        return pa.table({})
+    per_chunk = max(1, plan.chunks[0].rows)
+    want = max(1, math.ceil(n / per_chunk))
+    step = max(1, len(plan.chunks) // want)
+    tables = []
+    got = 0
+    for chunk in plan.chunks[::step]:
+        t = planning.read_chunk(spec, chunk, plan.protocol)
+        tables.append(t.slice(0, n - got))
+        got += tables[-1].num_rows
+        if got >= n:
+            break
+    return pa.concat_tables(tables, promote_options="default")
+
+
+def _tokenizer(model_dir: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def _context_length(spec: JobSpec, model_dir: str, tokenizer: Any) -> int:
+    if "max_model_len" in spec.model.engine_args:
+        return int(spec.model.engine_args["max_model_len"])
+    cfg = Path(model_dir) / "config.json"
+    if cfg.exists():
+        import json
+
+        doc = json.loads(cfg.read_text())
+        for key in ("max_position_embeddings", "n_positions", "max_seq_len"):
+            if key in doc:
+                return int(doc[key])
+    return int(getattr(tokenizer, "model_max_length", 2048))
+
+
+def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, Any]:
+    from batch.ledger import compare, load_table, price_rate
+    from batch.models import resolve_model
+    from pipelines import load_pipeline
+
+    pipeline = load_pipeline(spec)
+    plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
+    rows_total = plan.total_rows
+    model_dir = resolve_model(spec.model.path)
+    tok = _tokenizer(model_dir)
+    context = _context_length(spec, model_dir, tok)
+    table = sample_rows(spec, plan, sample)
+    lengths: list[int] = []
+    bad = too_long = 0
+    for row in table.to_pylist():
+        try:
+            model_input = pipeline.prepare(row)
+        except RowError:
+            bad += 1
+            continue
+        if isinstance(model_input, str):
+            n = len(tok.encode(model_input))
+        else:
+            text = tok.apply_chat_template(model_input, tokenize=False, add_generation_prompt=True)
+            n = len(tok.encode(str(text), add_special_tokens=False))
+        if n > context or (spec.model.task == "generate" and n >= context):
+            too_long += 1
+            continue
+        lengths.append(n)
+    sampled = table.num_rows
+    ok_share = len(lengths) / sampled if sampled else 0.0
+    rows_ok = round(rows_total * ok_share)
+    mean_in = statistics.fmean(lengths) if lengths else 0.0
+    est_in = round(mean_in * rows_ok)
+    max_out = spec.sampling.max_tokens if spec.model.task == "generate" else 0
+    est_out_bound = rows_ok * max_out
+    doc: dict[str, Any] = {
+        "job": spec.name,
+        "files": len(plan.files),
+        "rows": rows_total,
+        "chunks": len(plan.chunks),
+        "committed_chunks": len(plan.chunks) - len(plan.pending),
+        "sampled_rows": sampled,
+        "context_length": context,
+        "sample_failed_rows": bad,
+        "sample_too_long_rows": too_long,
+        "est_failed_rows": round(rows_total * (bad + too_long) / sampled) if sampled else 0,
+        "est_input_tokens": est_in,
+        "mean_input_tokens_per_row": round(mean_in, 1),
+        "est_output_tokens_max": est_out_bound,
+        "est_output_tokens": est_out_bound,
+        "measured": None,
+    }
+    ledger_table = load_table(spec)
+    rate, _ = price_rate(spec, ledger_table)
+    doc["gpu_hour_usd"] = rate
+    rows_per_second = 0.0
+    run_cost: float | None = None
+    if measure > 0:
+        m = _measure(spec, plan, measure)
+        doc["measured"] = m
+        if m["rows"]:
+            doc["est_output_tokens"] = round(m["output_tokens"] / m["rows"] * rows_ok)
+        rows_per_second = m["rows_per_second_per_replica"]
+        if rows_per_second > 0:
+            replicas = spec.resources.replicas
+            hours = (m["engine_load_seconds"] + rows_total / rows_per_second / replicas) / 3600
+            from batch.ledger import accelerators
+
+            doc["est_accelerator_hours"] = round(hours * replicas * accelerators(spec), 4)
+            doc["est_wall_hours"] = round(hours, 4)
+            run_cost = doc["est_accelerator_hours"] * rate
+            doc["est_run_cost_usd"] = round(run_cost, 6)
+    comparisons, _ = compare(
+        spec,
+        ledger_table,
+        input_tokens=est_in,
+        output_tokens=doc["est_output_tokens"],
+        run_cost_usd=run_cost or 0.0,
+        rows=rows_ok,
+        rows_per_second=rows_per_second,
+        rate=rate,
+    )
+    doc["comparisons"] = comparisons
+    doc["price_table_version"] = ledger_table.version
+    return doc
+
+
+def _measure(spec: JobSpec, plan: planning.Plan, n: int) -> dict[str, Any]:
+    """Run ``n`` sampled rows for real in a scratch output; return usage and throughput."""
+    from batch.progress import NullReporter
+    from batch.runner import run_job
+
+    rows = sample_rows(spec, plan, n)
+    with tempfile.TemporaryDirectory(prefix="batchinfer-plan-") as tmp:
+        inp = Path(tmp) / "in"
+        inp.mkdir()
+        for col in ("_source_file", "_source_row"):
+            if col in rows.column_names:
+                rows = rows.drop_columns([col])
+        pq.write_table(rows, inp / "sample.parquet")
+        doc = spec.model_dump(mode="json")
+        doc["input"].update(path=str(inp), storage_options={})
+        doc["output"].update(path=str(Path(tmp) / "out"), storage_options={})
+        doc["name"] = f"{spec.name}-sample"
+        scratch = JobSpec.model_validate(doc)
+        t0 = time.time()
+        summary = run_job(scratch, NullReporter())
+        from batch import commit
+
+        markers = commit.read_markers(scratch, commit.list_markers(scratch))
+        ledger = commit.read_output_json(scratch, commit.LEDGER) or {}
+    loads = [m["engine"]["ready"] - m["engine"]["created"] for m in markers if m.get("engine")]
+    return {
+        "rows": summary.rows,
+        "failed_rows": summary.failed_rows,
+        "input_tokens": summary.input_tokens,
+        "output_tokens": summary.output_tokens,
+        "wall_seconds": round(time.time() - t0, 2),
+        "engine_load_seconds": round(max(loads), 2) if loads else 0.0,
+        "rows_per_second_per_replica": ledger.get("rows_per_second_per_replica", 0.0),
+        "output_tokens_per_row": round(summary.output_tokens / summary.rows, 2)
+        if summary.rows
+        else 0.0,
+    }
