@@ -90,7 +90,7 @@ def compare(
     *,
     input_tokens: int,
     output_tokens: int,
-    run_cost_usd: float,
+    run_cost_usd: float | None,
     rows: int,
     rows_per_second: float,
     rate: float,
@@ -124,13 +124,26 @@ def compare(
                 "list_usd": round(list_usd, 6),
                 "batch_usd": round(batch_usd, 6),
                 "batch_discount": discount,
-                "savings_vs_batch": round(1 - run_cost_usd / batch_usd, 4) if batch_usd else None,
+                "savings_vs_batch": round(1 - run_cost_usd / batch_usd, 4)
+                if batch_usd and run_cost_usd is not None
+                else None,
                 "cost_ratio": round(batch_usd / run_cost_usd, 3) if run_cost_usd else None,
                 "break_even_rows_per_day": round(break_even) if break_even else None,
                 "beats_batch_within_capacity": bool(break_even and break_even <= capacity),
             }
         )
     return comparisons, used
+
+
+def check(spec: JobSpec) -> float:
+    """Resolve the price table, rate and comparators before any engine starts (a typo in a
+    comparator fails now, not after the night's run); returns USD per hour for the whole
+    job's accelerators, for the progress bar's running cost."""
+    table = load_table(spec)
+    rate, _ = price_rate(spec, table)
+    for key in comparator_keys(spec, table):
+        (table.embedding_price if spec.model.task == "embed" else table.chat_price)(key)
+    return rate * accelerators(spec) * spec.resources.replicas
 
 
 def build_ledger(

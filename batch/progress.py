@@ -17,7 +17,7 @@ if TYPE_CHECKING:
 
 class Reporter(Protocol):
     def planned(self, plan: dict[str, Any]) -> None: ...
-    def engines_starting(self, replicas: int) -> None: ...
+    def engines_starting(self, replicas: int, usd_per_hour: float = 0.0) -> None: ...
     def chunk_done(self, stats: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def finished(self, summary: RunSummary) -> None: ...
@@ -31,6 +31,8 @@ class _Totals:
         self.rows = self.rows_total = 0
         self.failed = 0
         self.input_tokens = self.output_tokens = 0
+        self.engines_at: float | None = None
+        self.usd_per_hour = 0.0
 
     def planned(self, plan: dict[str, Any]) -> None:
         self.chunks_total = int(plan["pending_chunks"])
@@ -43,6 +45,17 @@ class _Totals:
         self.failed += int(stats["failed_rows"])
         self.input_tokens += int(stats["input_tokens"])
         self.output_tokens += int(stats["output_tokens"])
+
+    def engines_started(self, usd_per_hour: float) -> None:
+        self.engines_at = time.time()
+        self.usd_per_hour = usd_per_hour
+
+    @property
+    def usd_so_far(self) -> float:
+        """Accelerator time since the engines started, at the job's rate."""
+        if self.engines_at is None:
+            return 0.0
+        return (time.time() - self.engines_at) / 3600 * self.usd_per_hour
 
     @property
     def tokens_per_second(self) -> float:
@@ -59,7 +72,7 @@ class NullReporter:
     """--quiet: nothing while running (the CLI still prints the one-line summary)."""
 
     def planned(self, plan: dict[str, Any]) -> None: ...
-    def engines_starting(self, replicas: int) -> None: ...
+    def engines_starting(self, replicas: int, usd_per_hour: float = 0.0) -> None: ...
     def chunk_done(self, stats: dict[str, Any]) -> None: ...
     def message(self, text: str) -> None: ...
     def finished(self, summary: RunSummary) -> None: ...
@@ -83,8 +96,9 @@ class JsonLogReporter:
         self.totals.planned(plan)
         self._emit("planned", **plan)
 
-    def engines_starting(self, replicas: int) -> None:
-        self._emit("engines_starting", replicas=replicas)
+    def engines_starting(self, replicas: int, usd_per_hour: float = 0.0) -> None:
+        self.totals.engines_started(usd_per_hour)
+        self._emit("engines_starting", replicas=replicas, usd_per_hour=usd_per_hour)
 
     def chunk_done(self, stats: dict[str, Any]) -> None:
         t = self.totals
@@ -102,6 +116,7 @@ class JsonLogReporter:
             failed_rows=t.failed,
             output_tokens=t.output_tokens,
             tokens_per_second=round(t.tokens_per_second, 1),
+            usd_so_far=round(t.usd_so_far, 6),
         )
 
     def message(self, text: str) -> None:
@@ -149,8 +164,9 @@ class RichReporter:
             f"({plan['committed_chunks']} already committed)"
         )
 
-    def engines_starting(self, replicas: int) -> None:
+    def engines_starting(self, replicas: int, usd_per_hour: float = 0.0) -> None:
         # The bar starts once Ray is up, so Ray's own start-up lines print above it.
+        self.totals.engines_started(usd_per_hour)
         self.progress.start()
         self.task = self.progress.add_task(
             f"loading {replicas} engine(s)",
@@ -167,7 +183,7 @@ class RichReporter:
             description="running",
             completed=t.rows,
             chunks=f"{t.chunks}/{t.chunks_total} chunks",
-            speed=f"{t.tokens_per_second:,.0f} tok/s"
+            speed=f"{t.tokens_per_second:,.0f} tok/s ${t.usd_so_far:,.4f}"
             + (f" [red]{t.failed} failed" if t.failed else ""),
         )
 

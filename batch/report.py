@@ -62,10 +62,13 @@ def to_markdown(ledger: dict[str, Any]) -> str:
 
 
 def print_table(ledger: dict[str, Any]) -> None:
+    import sys
+
     from rich.console import Console
     from rich.table import Table
 
-    console = Console()
+    # Piped output (logs, files) gets a width that fits the table instead of 80 columns.
+    console = Console(width=None if sys.stdout.isatty() else 130)
     for line in summary_lines(ledger):
         console.print(line)
     table = Table(*HEADERS)

@@ -370,7 +370,10 @@ def run_job(
     from pipelines import load_pipeline
 
     started = time.time()
+    from batch import ledger
+
     pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
+    usd_per_hour = ledger.check(spec)  # and on a bad price override or comparator
     plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
     record = checkpoint.job_record(
         spec,
@@ -389,7 +392,10 @@ def run_job(
     with checkpoint.hold_lease(spec, ttl=lease_ttl, wait=wait):
         if wait:  # the run we waited for may have committed chunks meanwhile
             plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
-        return _run_pending(spec, plan, reporter, started, address=address, verbose=verbose)
+        return _run_pending(
+            spec, plan, reporter, started, address=address, verbose=verbose,
+            usd_per_hour=usd_per_hour,
+        )  # fmt: skip
 
 
 def _run_pending(
@@ -401,6 +407,7 @@ def _run_pending(
     address: str | None,
     verbose: bool,
     rewrite_manifest: bool = False,
+    usd_per_hour: float = 0.0,
 ) -> RunSummary:
     from batch.ledger import build_ledger
 
@@ -416,7 +423,7 @@ def _run_pending(
         with ray_session(address, verbose=verbose):
             _configure_ray_data(verbose)
             ds = build_dataset(spec, plan, model_path)
-            reporter.engines_starting(spec.resources.replicas)
+            reporter.engines_starting(spec.resources.replicas, usd_per_hour)
             try:
                 for row in ds.iter_rows():
                     stats = pickle.loads(row["stats"])
