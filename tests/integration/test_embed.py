@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -58,3 +61,22 @@ def test_embed_job(demo_models: dict[str, Path], tmp_path: Path) -> None:
     ledger = read_json(fsspec.filesystem("file"), str(out / "ledger.json"))
     assert ledger["input_tokens"] == sum(data["input_tokens"].to_pylist())
     assert ledger["output_tokens"] == 0
+    assert {c["model"] for c in ledger["comparisons"]} >= {"text-embedding-3-small"}
+
+
+def test_plan_with_a_measured_sample(demo_models: dict[str, Path], tmp_path: Path) -> None:
+    """plan --sample runs a few rows for real and turns the throughput into GPU-hours."""
+    inp = tmp_path / "in"
+    inp.mkdir()
+    pq.write_table(reviews_table(64), inp / "a.parquet")
+    res = subprocess.run(
+        [sys.executable, "-m", "batch.cli", "plan", "jobs/embed.yaml", "--json", "--sample", "16",
+         "--set", f"input.path={inp}", "--set", f"output.path={tmp_path / 'out'}"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(res.stdout)
+    assert plan["rows"] == 64 and plan["measured"]["rows"] > 0
+    assert plan["measured"]["rows_per_second_per_replica"] > 0
+    assert plan["est_accelerator_hours"] > 0 and plan["est_run_cost_usd"] > 0
+    assert not (tmp_path / "out").exists(), "the dry run wrote nothing to the job's output"

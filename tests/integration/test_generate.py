@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import collections
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import fsspec
@@ -60,6 +63,19 @@ def test_enrich_job_on_local_disk(demo_models: dict[str, Path], tmp_path: Path) 
     assert res.stdout.strip().splitlines()[-1].startswith("enrich-reviews: 36 rows, 4 failed")
     ids = pq.read_table(inp)["review_id"].to_pylist()
     check_generation_output(fsspec.filesystem("file"), str(out), ids)
+    # the dry run's estimate against what the engine actually counted
+    sets = [f"input.path={inp}", f"output.path={out}", *FAST]
+    args = [a for item in sets for a in ("--set", item)]
+    res = subprocess.run(
+        [sys.executable, "-m", "batch.cli", "plan", "jobs/enrich.yaml", "--json", *args],
+        capture_output=True,
+        text=True,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]
+    plan = json.loads(res.stdout)
+    assert (plan["rows"], plan["chunks"], plan["est_failed_rows"]) == (40, 6, 4)
+    actual = json.loads((out / "ledger.json").read_text())["input_tokens"]
+    assert abs(plan["est_input_tokens"] - actual) <= 0.05 * actual, (plan, actual)
 
 
 def test_enrich_job_on_s3(demo_models: dict[str, Path], s3: S3Server, tmp_path: Path) -> None:
