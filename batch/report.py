@@ -22,6 +22,8 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
     hours = ledger["gpu_seconds"] / 3600
     unit = "GPU" if ledger["device"] == "gpu" else "CPU-instance"
     per_m = ledger.get("usd_per_million_tokens")
+    rps = ledger.get("rows_per_second_per_replica", 0.0)
+    util = ledger.get("utilisation_assumed", 0.7)
     return [
         f"job {ledger['job']} ({ledger['task']}, {ledger['model']}): {ledger['rows']:,} rows, "
         f"{ledger['failed_rows']:,} failed, {ledger['input_tokens']:,} input + "
@@ -29,6 +31,8 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
         f"run: {hours:.4f} {unit}-hours x {_usd(ledger['gpu_hour_usd'])}/h = "
         f"{_usd(ledger['run_cost_usd'])} ({_usd(per_m)} per million tokens), "
         f"wall {ledger['wall_seconds']:,.0f}s; price table {ledger['price_table_version']}",
+        f"measured {rps:,.2f} rows/s per replica: at {util:.0%} utilisation one replica "
+        f"handles {rps * 86400 * util:,.0f} rows/day (compare with the break-even column)",
     ]
 
 
