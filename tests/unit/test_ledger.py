@@ -114,3 +114,10 @@ def test_ledger_command_writes_table_markdown_and_chart(reviews: Path, tmp_path:
     doc = json.loads(res.stdout)
     assert len(doc["comparisons"]) >= 5
     assert doc["input_tokens"] > 0 and doc["run_cost_usd"] > 0
+    # the same arithmetic by hand on this run's own usage
+    hours = doc["gpu_seconds"] / 3600
+    assert doc["run_cost_usd"] == pytest.approx(hours * doc["gpu_hour_usd"], rel=1e-3)
+    mini = next(c for c in doc["comparisons"] if c["model"] == "gpt-4o-mini")
+    by_hand = doc["input_tokens"] * 0.15e-6 + doc["output_tokens"] * 0.60e-6
+    assert mini["list_usd"] == pytest.approx(by_hand, rel=1e-3)
+    assert mini["batch_usd"] == pytest.approx(by_hand / 2, rel=1e-3)
