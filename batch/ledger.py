@@ -121,8 +121,8 @@ def compare(
             {
                 "provider": row["provider"],
                 "model": row["model"],
-                "list_usd": round(list_usd, 6),
-                "batch_usd": round(batch_usd, 6),
+                "list_usd": round(list_usd, 10),
+                "batch_usd": round(batch_usd, 10),
                 "batch_discount": discount,
                 "savings_vs_batch": round(1 - run_cost_usd / batch_usd, 4)
                 if batch_usd and run_cost_usd is not None
@@ -183,8 +183,8 @@ def build_ledger(
         "engine_replicas": engines,
         "device": spec.resources.device,
         "gpu_hour_usd": rate,
-        "run_cost_usd": round(run_cost, 6),
-        "usd_per_million_tokens": round(run_cost / tokens * 1e6, 6) if tokens else None,
+        "run_cost_usd": round(run_cost, 10),
+        "usd_per_million_tokens": round(run_cost / tokens * 1e6, 8) if tokens else None,
         "output_tokens_per_second": round(use["output_tokens"] / wall_seconds, 3)
         if wall_seconds
         else 0.0,
