@@ -9,14 +9,16 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from batch.errors import BatchInferError, SpecError
 
 if TYPE_CHECKING:
+    from batch.runner import RunSummary
     from batch.spec import JobSpec
 
 app = typer.Typer(
@@ -109,8 +111,6 @@ def submit(
       batchinfer submit jobs/enrich.yaml --set input.path=s3://bucket/reviews/ \\
           --set output.path=s3://bucket/out/
     """
-    from batch.checkpoint import LeaseHeld
-    from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
     from batch.spec import load_spec
 
     json_lines = not sys.stdout.isatty()
@@ -122,6 +122,20 @@ def submit(
         return
     from batch.runner import run_job
 
+    _run_reported(
+        lambda reporter: run_job(spec, reporter, address=address, verbose=verbose, wait=wait),
+        quiet=quiet,
+        json_lines=json_lines,
+    )
+
+
+def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: bool) -> None:
+    """Run with the reporter that fits the terminal; map errors to one line and an exit code:
+    2 invalid spec or input, 3 another run holds the output, 1 any other failure, 130 Ctrl-C.
+    """
+    from batch.checkpoint import LeaseHeld
+    from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
+
     reporter: NullReporter | JsonLogReporter | RichReporter
     if quiet:
         reporter = NullReporter()
@@ -129,32 +143,24 @@ def submit(
         reporter = JsonLogReporter()
     else:
         reporter = RichReporter()
+    code, message = 0, ""
     try:
-        summary = run_job(spec, reporter, address=address, verbose=verbose, wait=wait)
+        summary = run(reporter)
     except KeyboardInterrupt:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        typer.echo(
-            "interrupted: engines released; committed chunks are kept, run the same command "
-            "to resume",
-            err=True,
-        )
-        raise typer.Exit(130) from None
+        code = 130
+        message = "interrupted: engines released; committed chunks are kept, run the same "
+        message += "command to resume"
     except SpecError as exc:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        _fail(str(exc), 2)
-        return
+        code, message = 2, f"error: {exc}"
     except LeaseHeld as exc:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        _fail(str(exc), 3)
-        return
+        code, message = 3, f"error: {exc}"
     except BatchInferError as exc:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        _fail(str(exc), 1)
-        return
+        code, message = 1, f"error: {exc}"
+    if isinstance(reporter, RichReporter):
+        reporter.stop()
+    if code:
+        typer.echo(message, err=True)
+        raise typer.Exit(code)
     typer.echo(summary_line(summary))
 
 
@@ -264,8 +270,6 @@ def retry_failed_cmd(
 
       batchinfer retry-failed out/enrich-reviews/ --set model.engine_args.max_model_len=8192
     """
-    from batch.checkpoint import LeaseHeld
-    from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
     from batch.runner import retry_failed
 
     json_lines = not sys.stdout.isatty()
@@ -275,20 +279,11 @@ def retry_failed_cmd(
     except SpecError as exc:
         _fail(str(exc), 2)
         return
-    reporter: NullReporter | JsonLogReporter | RichReporter
-    reporter = NullReporter() if quiet else JsonLogReporter() if json_lines else RichReporter()
-    try:
-        summary = retry_failed(spec, reporter, verbose=verbose, wait=wait)
-    except KeyboardInterrupt:
-        typer.echo("interrupted: engines released; run the same command to go on", err=True)
-        raise typer.Exit(130) from None
-    except LeaseHeld as exc:
-        _fail(str(exc), 3)
-        return
-    except BatchInferError as exc:
-        _fail(str(exc), 1)
-        return
-    typer.echo(summary_line(summary))
+    _run_reported(
+        lambda reporter: retry_failed(spec, reporter, verbose=verbose, wait=wait),
+        quiet=quiet,
+        json_lines=json_lines,
+    )
 
 
 @app.command()

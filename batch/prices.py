@@ -23,7 +23,6 @@ from importlib import resources
 from pathlib import Path
 from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
-import yaml
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -34,6 +33,7 @@ from pydantic import (
     model_validator,
 )
 
+from batch import yamldoc
 from batch.errors import ConfigurationError
 
 PACKAGED = "batch/data/prices.yaml"
@@ -41,7 +41,7 @@ LISTS = ("chat", "embedding", "batch_discounts", "gpu", "cpu")
 
 _DATE = re.compile(r"\d{4}(-\d{2}(-\d{2})?)?|undated")
 
-Loc = tuple[str | int, ...]
+Loc = yamldoc.Loc
 
 
 class UnknownPriceError(ConfigurationError, KeyError):
@@ -453,14 +453,7 @@ def load_price_table(path: str | Path | None = None) -> PriceTable:
 
 def parse_price_table(text: str, *, source: str = "<prices>") -> PriceTable:
     """Validate a price table given as YAML text; ``source`` names it in errors."""
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_numbers(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ConfigurationError(f"{where}: not valid YAML: {problem}") from None
+    raw, lines = yamldoc.load(text, source, ConfigurationError)
     if not isinstance(raw, dict):
         raise ConfigurationError(
             f"{source}: a price table is a mapping with version, collected, currency, sources, "
@@ -590,22 +583,6 @@ def _did_you_mean(word: str, options: Sequence[str]) -> str:
     prefixed = [o for o in options if o.casefold().startswith(word.casefold())]
     close = prefixed[:1] or difflib.get_close_matches(word, options, n=1, cutoff=0.5)
     return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _line_numbers(node: yaml.Node | None, prefix: Loc = ()) -> dict[Loc, int]:
-    """Map YAML paths (key names and list indexes) to 1-based line numbers."""
-    out: dict[Loc, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = (*prefix, str(key_node.value))
-            out[path] = key_node.start_mark.line + 1
-            out.update(_line_numbers(value_node, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = (*prefix, i)
-            out[path] = item.start_mark.line + 1
-            out.update(_line_numbers(item, path))
-    return out
 
 
 def _render_loc(loc: Loc, raw: Mapping[str, Any] | None = None) -> str:

@@ -19,6 +19,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from batch import yamldoc
 from batch.errors import SpecError
 
 BUILTIN_PIPELINES = ("generate", "embed")
@@ -297,14 +298,8 @@ def load_spec(path: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 def parse_spec(text: str, *, source: str = "<job>", overrides: Sequence[str] = ()) -> JobSpec:
-    try:
-        raw = yaml.safe_load(text)
-        lines = _line_numbers(yaml.compose(text))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}" if mark else source
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise SpecError(f"{where}: not valid YAML: {problem}") from None
+    raw, located = yamldoc.load(text, source, SpecError)
+    lines = {".".join(str(p) for p in loc): line for loc, line in located.items()}
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
@@ -342,22 +337,6 @@ def apply_override(raw: dict[str, Any], item: str) -> str:
         node = nxt
     node[parts[-1]] = parsed
     return key
-
-
-def _line_numbers(node: yaml.Node | None, prefix: tuple[str, ...] = ()) -> dict[str, int]:
-    """Map dotted YAML paths to 1-based line numbers, for error messages."""
-    out: dict[str, int] = {}
-    if isinstance(node, yaml.MappingNode):
-        for key_node, value_node in node.value:
-            path = (*prefix, str(key_node.value))
-            out[".".join(path)] = key_node.start_mark.line + 1
-            out.update(_line_numbers(value_node, path))
-    elif isinstance(node, yaml.SequenceNode):
-        for i, item in enumerate(node.value):
-            path = (*prefix, str(i))
-            out[".".join(path)] = item.start_mark.line + 1
-            out.update(_line_numbers(item, path))
-    return out
 
 
 def _model_at(path: Sequence[str | int]) -> type[BaseModel] | None:
