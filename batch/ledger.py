@@ -158,8 +158,8 @@ def build_ledger(
     use = usage(markers)
     table = load_table(spec)
     rate, rate_row = price_rate(spec, table)
-    accel_seconds = gpu_seconds * accelerators(spec)
-    run_cost = accel_seconds / 3600 * rate
+    accel_seconds = round(gpu_seconds * accelerators(spec), 3)
+    run_cost = accel_seconds / 3600 * rate  # from the rounded figure: the ledger adds up
     tokens = use["input_tokens"] + use["output_tokens"]
     window = use["engine_window_seconds"] or wall_seconds
     rows_per_second = use["rows"] / window / max(1, engines) if window else 0.0

@@ -10,10 +10,12 @@ marker. The driver only sees each chunk's small stats dict; it never holds rows.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import pickle
 import re
+import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Iterator
@@ -118,6 +120,40 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
     return {"chunk_id": chunk.chunk_id, "work": pickle.dumps(work, protocol=5)}
 
 
+def _me() -> tuple[int, float]:
+    import psutil
+
+    return os.getpid(), psutil.Process().create_time()
+
+
+def reap(engines: dict[str, dict[str, Any]], grace: float = 15.0) -> int:
+    """After Ray shut down, end engine processes on this machine that outlived their actor.
+
+    Ray kills the actors, and vLLM's engine processes notice their parent is gone and exit;
+    this makes sure of it, so no engine keeps memory or a GPU after the job. Returns how
+    many had to be ended.
+    """
+    import psutil
+
+    host = socket.gethostname()
+    procs = []
+    for info in engines.values():
+        if info.get("host") != host:
+            continue
+        for pid, started in info.get("processes", []):
+            with contextlib.suppress(psutil.Error):
+                p = psutil.Process(pid)
+                if abs(p.create_time() - started) < 1e-3:  # the same process, not a reused pid
+                    procs.append(p)
+    _, alive = psutil.wait_procs(procs, timeout=grace)
+    for p in alive:
+        with contextlib.suppress(psutil.Error):
+            p.kill()
+    if alive:
+        log.warning("ended %d engine processes that outlived their actors", len(alive))
+    return len(alive)
+
+
 class _Quarantine:
     """Shared/exclusive gate on an engine: a chunk being retried runs alone.
 
@@ -184,7 +220,13 @@ class EngineStage:
         t0 = time.time()
         work.results = await self._run(work) if work.requests else []
         work.timings.update(engine_start=t0, engine_end=time.time())
-        work.engine = {"actor": self.actor, "created": self.created, "ready": self.ready}
+        work.engine = {
+            "actor": self.actor,
+            "created": self.created,
+            "ready": self.ready,
+            "host": socket.gethostname(),
+            "processes": [_me(), *self.engine.processes()],
+        }
         return {"chunk_id": row["chunk_id"], "work": pickle.dumps(work, protocol=5)}
 
     async def _run(self, work: ChunkWork) -> list[EngineResult]:
@@ -420,18 +462,23 @@ def _run_pending(
         model_path = resolve_model(spec.model.path)
     engines: dict[str, dict[str, Any]] = {}
     if plan.pending:
-        with ray_session(address, verbose=verbose):
-            _configure_ray_data(verbose)
-            ds = build_dataset(spec, plan, model_path)
-            reporter.engines_starting(spec.resources.replicas, usd_per_hour)
-            try:
-                for row in ds.iter_rows():
-                    stats = pickle.loads(row["stats"])
-                    engines[stats["engine"].get("actor", "")] = stats["engine"]
-                    reporter.chunk_done(stats)
-            except Exception as exc:
-                raise _one_line(exc) from exc
-            released = time.time()
+        try:
+            with ray_session(address, verbose=verbose):
+                _configure_ray_data(verbose)
+                ds = build_dataset(spec, plan, model_path)
+                reporter.engines_starting(spec.resources.replicas, usd_per_hour)
+                try:
+                    for row in ds.iter_rows():
+                        stats = pickle.loads(row["stats"])
+                        engines[stats["engine"].get("actor", "")] = stats["engine"]
+                        reporter.chunk_done(stats)
+                except Exception as exc:
+                    raise _one_line(exc) from exc
+                finally:
+                    released = time.time()
+        finally:
+            if not address:  # on a cluster the engines' machines are Ray's to clean
+                reap(engines)
     else:
         released = time.time()
     markers = commit.read_markers(spec, commit.list_markers(spec))

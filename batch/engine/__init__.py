@@ -54,6 +54,10 @@ class Engine(Protocol):
         """False once the engine cannot serve again (its process died); the actor restarts."""
         ...
 
+    def processes(self) -> list[tuple[int, float]]:
+        """(pid, start time) of processes the engine started (the driver reaps them)."""
+        ...
+
     def close(self) -> None: ...
 
 

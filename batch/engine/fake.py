@@ -96,6 +96,9 @@ class FakeEngine:
     def healthy(self) -> bool:
         return True
 
+    def processes(self) -> list[tuple[int, float]]:
+        return []
+
     def close(self) -> None:
         return None
 

@@ -151,6 +151,10 @@ class VLLMEngine:
     def healthy(self) -> bool:
         return not self._engine.errored
 
+    def processes(self) -> list[tuple[int, float]]:
+        """(pid, start time) of every process the engine started, for the driver to reap."""
+        return [(p.pid, p.create_time()) for p in self._processes]
+
     def close(self) -> None:
         """Stop the engine and every process it started; none may outlive the actor."""
         try:

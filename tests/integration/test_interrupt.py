@@ -17,7 +17,7 @@ from tests.integration.helpers import leftovers, wait_for_no_leftovers
 def test_ctrl_c_releases_engines_and_leaves_no_processes(
     demo_models: dict[str, Path], tmp_path: Path
 ) -> None:
-    assert leftovers() == [], "a previous test left processes behind"
+    assert wait_for_no_leftovers() == [], "a previous test left processes behind"
     inp = tmp_path / "reviews"
     write_reviews(inp, rows=64, files=1)
     proc = subprocess.Popen(
