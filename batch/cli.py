@@ -199,6 +199,15 @@ def _spec_for(target: str, overrides: list[str], storage_options: str | None) ->
     return spec
 
 
+def _spec_or_exit(target: str, overrides: list[str], storage_options: str | None) -> JobSpec:
+    """The spec for a command's target, or exit 2 with the spec error."""
+    try:
+        return _spec_for(target, overrides, storage_options)
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(2) from None
+
+
 @app.command()
 def status(
     target: TargetArg,
@@ -218,11 +227,7 @@ def status(
     from batch.status import output_status
 
     _configure_logging(False, False)
-    try:
-        spec = _spec_for(target, set_ or [], storage_options)
-    except SpecError as exc:
-        _fail(str(exc), 2)
-        return
+    spec = _spec_or_exit(target, set_ or [], storage_options)
     doc = output_status(spec)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
@@ -274,11 +279,7 @@ def retry_failed_cmd(
 
     json_lines = not sys.stdout.isatty()
     _configure_logging(verbose, json_lines)
-    try:
-        spec = _spec_for(target, set_ or [], storage_options)
-    except SpecError as exc:
-        _fail(str(exc), 2)
-        return
+    spec = _spec_or_exit(target, set_ or [], storage_options)
     _run_reported(
         lambda reporter: retry_failed(spec, reporter, verbose=verbose, wait=wait),
         quiet=quiet,
@@ -314,11 +315,7 @@ def ledger(
     from batch.report import chart_png, print_table, to_markdown
 
     _configure_logging(False, False)
-    try:
-        spec = _spec_for(target, set_ or [], storage_options)
-    except SpecError as exc:
-        _fail(str(exc), 2)
-        return
+    spec = _spec_or_exit(target, set_ or [], storage_options)
     doc = commit.read_output_json(spec, commit.LEDGER)
     if doc is None:
         _fail(f"{spec.output.path}: no ledger.json yet (the job has not finished a run)", 1)
