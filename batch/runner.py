@@ -234,8 +234,13 @@ class EngineStage:
         limit = self.spec.resources.max_attempts
         last_error = "the engine died while running this chunk"
         while True:
-            attempt = checkpoint.begin_attempt(
-                self.fs, self.root, chunk_id, {"actor": self.actor, "at": time.time()}
+            # An object-store write: off the event loop, which other chunks' results share.
+            attempt = await asyncio.to_thread(
+                checkpoint.begin_attempt,
+                self.fs,
+                self.root,
+                chunk_id,
+                {"actor": self.actor, "at": time.time()},
             )
             work.attempts = min(attempt, limit)
             if attempt > limit:
