@@ -1,4 +1,5 @@
-"""Integration fixtures: the bundled demo models, prepared once, and a real S3 server."""
+"""Integration fixtures: the bundled demo models, prepared once, a real S3 server and a real
+Ray cluster (a head on 127.0.0.1 with the Jobs API)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.raycluster import RayHead, ray_head
 from tests.s3server import S3Server, seaweedfs
 
 
@@ -27,3 +29,10 @@ def demo_models() -> dict[str, Path]:
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with seaweedfs(tmp_path_factory.mktemp("s3")) as server:
         yield server
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
+    """A Ray head (``ray start --head``) shared by the session; clients need ``.env``."""
+    with ray_head(tmp_path_factory.mktemp("ray")) as head:
+        yield head

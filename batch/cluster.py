@@ -1,0 +1,476 @@
+"""Running a job on an existing Ray cluster through the Ray Jobs API, and as a KubeRay RayJob.
+
+A job is submitted under a deterministic **run id** (the job's name and its spec fingerprint,
+optionally a tag such as an Airflow logical date), which is also the Ray submission id of the
+first attempt. Submitting the same job again therefore finds the job already there and
+attaches to it instead of starting a second one: idempotent submission is what makes an
+orchestrator's retries safe. Only when the previous attempt ended without success (FAILED,
+STOPPED) is a new attempt submitted, as ``<run id>-a<n>``; it resumes from the output's
+markers like any rerun, so no row is computed twice.
+
+The job runs on the cluster as ``python -m batch.cli submit job.yaml --address auto``: the
+resolved spec (overrides applied) travels in the job's working directory and this package's
+code (``batch``, ``pipelines``) as ``py_modules``, so the cluster needs the dependencies
+(``pip install batchinfer[gpu]``) but not this exact version of the code.
+
+Authentication: a head started by ``ray start --head`` with a dashboard requires a token. As
+with Ray's own CLI, set ``RAY_AUTH_MODE=token`` and give the token in ``RAY_AUTH_TOKEN`` or a
+file named by ``RAY_AUTH_TOKEN_PATH`` (default ``~/.ray/auth_token``). The token is sent as an
+HTTP header only; it is never written into a spec, a manifest, metadata or a log.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from batch.errors import ConfigurationError, TransientError
+from batch.spec import JobSpec, load_spec
+
+log = logging.getLogger(__name__)
+
+ACTIVE = ("PENDING", "RUNNING")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+RUN_ID_KEY = "batchinfer_run_id"  # job metadata: which run an attempt belongs to
+ATTEMPT_KEY = "batchinfer_attempt"
+MAX_RUN_ID = 47  # KubeRay: a RayJob name is at most 47 characters and a DNS-1035 label
+SPEC_FILE = "job.yaml"
+_ATTEMPT_ID = re.compile(r"^(?P<run>.+)-a(?P<n>\d+)$")
+
+
+class ClusterError(TransientError):
+    """The Ray cluster could not be reached, or its Jobs API refused a request."""
+
+
+class ClusterAuthError(ConfigurationError):
+    """The cluster wants a token this client does not have (or has a wrong one)."""
+
+
+# --------------------------------------------------------------------------- run ids
+
+
+def normalise_run_id(text: str) -> str:
+    """A run id Ray and Kubernetes both accept: lowercase letters, digits and '-', starting
+    with a letter, at most 47 characters (a RayJob name), e.g. ``enrich-reviews-3f2a...``.
+    Raises ValueError when nothing usable is left.
+    """
+    rid = re.sub(r"[^a-z0-9-]+", "-", text.strip().lower())
+    rid = re.sub(r"-{2,}", "-", rid).strip("-")
+    if not rid:
+        raise ValueError(f"run id {text!r}: use letters, digits and '-'")
+    if not rid[0].isalpha():
+        rid = f"r-{rid}"
+    if len(rid) > MAX_RUN_ID:
+        raise ValueError(f"run id {text!r}: at most {MAX_RUN_ID} characters (a RayJob name)")
+    return rid
+
+
+def make_run_id(spec: JobSpec, *, tag: str | None = None) -> str:
+    """``<name>-<fp12>`` or ``<name>-<tag>-<fp12>``: the same job (and tag) always gets the
+    same id; any change to what determines the output rows gives a new one. The name is
+    normalised (lowercase, '-' for other characters) and shortened to fit 47 characters.
+    """
+    fp = spec.fingerprint()[:12]
+    suffix = f"{normalise_run_id(tag)}-{fp}" if tag else fp
+    room = MAX_RUN_ID - len(suffix) - 1
+    if room < 1:
+        raise ValueError(f"tag {tag!r} is too long for a run id")
+    try:
+        name = normalise_run_id(spec.name)
+    except ValueError:
+        name = "job"
+    name = name[:room].rstrip("-") or "job"
+    return normalise_run_id(f"{name}-{suffix}")
+
+
+def attempt_submission_id(run_id: str, attempt: int) -> str:
+    """The Ray submission id of a run's n-th attempt: the run id itself, then ``-a2``, ..."""
+    return run_id if attempt <= 1 else f"{run_id}-a{attempt}"
+
+
+def is_jobs_api(address: str | None) -> bool:
+    """``http(s)://`` addresses go through the Jobs API; ``ray://``, ``auto``, ``HOST:PORT``
+    connect the driver directly (the job runs here, its tasks on the cluster)."""
+    return bool(address) and str(address).startswith(("http://", "https://"))
+
+
+# --------------------------------------------------------------------------- the Jobs API
+
+
+@dataclass(frozen=True)
+class RemoteRun:
+    """A run of a job on a cluster: which attempt (Ray job) stands for it now."""
+
+    address: str
+    run_id: str
+    submission_id: str  # the Ray job's submission id (== run_id for the first attempt)
+    attached: bool  # True when an existing job for this run id was found and reused
+
+
+def auth_headers() -> dict[str, str]:
+    """The token header when ``RAY_AUTH_MODE=token``, read the way Ray reads it:
+    ``RAY_AUTH_TOKEN``, else the file in ``RAY_AUTH_TOKEN_PATH``, else ``~/.ray/auth_token``.
+    """
+    if os.environ.get("RAY_AUTH_MODE", "").lower() != "token":
+        return {}
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token:
+        path = Path(os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token")
+        try:
+            token = path.expanduser().read_text().strip()
+        except OSError:
+            raise ClusterAuthError(
+                f"RAY_AUTH_MODE=token but no token: set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH "
+                f"to the token file ({path} is not readable)"
+            ) from None
+    return {"Authorization": f"Bearer {token}"}
+
+
+def client(address: str) -> Any:
+    """A ``JobSubmissionClient`` for an ``http(s)://`` address, with the token if configured."""
+    if not is_jobs_api(address):
+        raise ConfigurationError(
+            f"--address {address}: the Jobs API needs the dashboard's http(s):// address, "
+            "e.g. http://HEAD:8265"
+        )
+    from ray.job_submission import JobSubmissionClient
+
+    try:
+        return JobSubmissionClient(address, headers=auth_headers())
+    except ClusterAuthError:
+        raise
+    except Exception as exc:
+        raise _cluster_error(address, exc) from None
+
+
+def _cluster_error(address: str, exc: BaseException) -> ClusterError | ClusterAuthError:
+    text = str(exc)
+    if "Authentication" in type(exc).__name__ or "Authentication required" in text:
+        return ClusterAuthError(
+            f"{address} requires a token: set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN (or "
+            "RAY_AUTH_TOKEN_PATH); see docs/cluster.md"
+        )
+    if "Authentication failed" in text or "Invalid authentication" in text:
+        return ClusterAuthError(f"{address} refused the token (RAY_AUTH_TOKEN/_PATH is wrong)")
+    first = text.strip().splitlines()[0] if text.strip() else type(exc).__name__
+    return ClusterError(f"Ray cluster at {address}: {first[:300]}")
+
+
+def _call(address: str, fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except (ClusterError, ClusterAuthError):
+        raise
+    except Exception as exc:
+        raise _cluster_error(address, exc) from None
+
+
+def attempts(address: str, run_id: str, *, jobs_client: Any = None) -> list[Any]:
+    """The Ray jobs (``JobDetails``) that are attempts of ``run_id``, oldest first."""
+    c = jobs_client or client(address)
+    found = []
+    for job in _call(address, c.list_jobs):
+        sid = job.submission_id or ""
+        meta = job.metadata or {}
+        m = _ATTEMPT_ID.match(sid)
+        if meta.get(RUN_ID_KEY) == run_id or sid == run_id or (m and m["run"] == run_id):
+            found.append(job)
+    return sorted(found, key=_attempt_number)
+
+
+def _attempt_number(job: Any) -> int:
+    meta = job.metadata or {}
+    if str(meta.get(ATTEMPT_KEY, "")).isdigit():
+        return int(meta[ATTEMPT_KEY])
+    m = _ATTEMPT_ID.match(job.submission_id or "")
+    return int(m["n"]) if m else 1
+
+
+def current_attempt(jobs: Sequence[Any]) -> Any | None:
+    """The attempt that stands for the run: a live one, else one that succeeded."""
+    for wanted in (ACTIVE, ("SUCCEEDED",)):
+        chosen = [j for j in jobs if str(j.status) in wanted]
+        if chosen:
+            return chosen[-1]
+    return None
+
+
+def submit_remote(
+    address: str,
+    job: str | Path,
+    overrides: Sequence[str] = (),
+    *,
+    run_id: str | None = None,
+    wait: bool = False,
+    verbose: bool = False,
+) -> RemoteRun:
+    """Submit a job to the cluster at ``address`` (``http://HEAD:8265``), or attach to it.
+
+    Idempotent per run id: a PENDING/RUNNING/SUCCEEDED attempt is reused (``attached``);
+    after a FAILED/STOPPED one a new attempt ``<run id>-a<n>`` is submitted, which resumes
+    from the output's markers. Two clients racing to submit the same attempt both end up on
+    one Ray job: the loser's submission is refused as "already exists" and attaches.
+    ``wait``: the remote run waits for another run's lease instead of exiting 3.
+    Raises SpecError, ClusterError or ClusterAuthError.
+    """
+    spec = load_spec(job, overrides)
+    rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
+    c = client(address)
+    for _ in range(3):
+        found = attempts(address, rid, jobs_client=c)
+        current = current_attempt(found)
+        if current is not None:
+            return RemoteRun(address, rid, current.submission_id, attached=True)
+        n = max((_attempt_number(j) for j in found), default=0) + 1
+        sid = attempt_submission_id(rid, n)
+        with job_package(spec, wait=wait, verbose=verbose) as (entrypoint, runtime_env):
+            metadata = {
+                RUN_ID_KEY: rid,
+                ATTEMPT_KEY: str(n),
+                "batchinfer_job": spec.name,
+                "batchinfer_fingerprint": spec.fingerprint(),
+            }
+            try:
+                c.submit_job(
+                    entrypoint=entrypoint,
+                    submission_id=sid,
+                    runtime_env=runtime_env,
+                    metadata=metadata,
+                )
+            except Exception as exc:
+                if "already exists" in str(exc):
+                    log.info("attempt %s was submitted by someone else; attaching", sid)
+                    continue  # list again: attach to it (or to what replaced it)
+                raise _cluster_error(address, exc) from None
+        log.info("submitted %s (attempt %d of run %s)", sid, n, rid)
+        return RemoteRun(address, rid, sid, attached=False)
+    raise ClusterError(f"could not submit or attach to run {rid} on {address}")
+
+
+def job_info(address: str, submission_id: str) -> Any:
+    c = client(address)
+    return _call(address, lambda: c.get_job_info(submission_id))
+
+
+def remote_state(address: str, submission_id: str) -> str:
+    """The job's state: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED."""
+    return str(job_info(address, submission_id).status)
+
+
+def remote_logs(address: str, submission_id: str) -> str:
+    """Everything the job printed so far (the remote CLI's JSON lines and final line)."""
+    c = client(address)
+    return str(_call(address, lambda: c.get_job_logs(submission_id)))
+
+
+def stop_remote(address: str, submission_id: str) -> bool:
+    """Ask Ray to stop the job (SIGTERM, then SIGKILL); True if it was running."""
+    c = client(address)
+    return bool(_call(address, lambda: c.stop_job(submission_id)))
+
+
+def wait_terminal(address: str, submission_id: str, timeout: float = 60.0) -> str:
+    """Poll until the job is SUCCEEDED, FAILED or STOPPED (or ``timeout``); the last state."""
+    deadline = time.monotonic() + timeout
+    state = remote_state(address, submission_id)
+    while state not in TERMINAL and time.monotonic() < deadline:
+        time.sleep(0.5)
+        state = remote_state(address, submission_id)
+    return state
+
+
+def exit_code(info: Any) -> int:
+    """The exit code a local run would have had: 0, or the remote CLI's own 2/3, else 1."""
+    status = str(info.status)
+    if status == "SUCCEEDED":
+        return 0
+    code = getattr(info, "driver_exit_code", None)
+    if status == "FAILED" and code in (2, 3):
+        return int(code)
+    return 1
+
+
+def tail_logs(address: str, submission_id: str) -> Iterator[str]:
+    """The job's output line by line, from its start, following it until the job ends.
+
+    The Jobs API streams logs over a websocket (an async generator); it runs on a thread of
+    its own so the caller's thread stays free for Ctrl-C.
+    """
+    c = client(address)
+    lines: queue.Queue[str | BaseException | None] = queue.Queue()
+    loop = asyncio.new_event_loop()
+
+    async def pump() -> None:
+        buf = ""
+        async for text in c.tail_job_logs(submission_id):
+            buf += text
+            *complete, buf = buf.split("\n")
+            for line in complete:
+                lines.put(line)
+        if buf:
+            lines.put(buf)
+
+    def run() -> None:
+        try:
+            loop.run_until_complete(pump())
+        except BaseException as exc:  # reported to the caller's thread
+            lines.put(exc)
+        finally:
+            lines.put(None)
+
+    thread = threading.Thread(target=run, name=f"logs-{submission_id}", daemon=True)
+    thread.start()
+    try:
+        while True:
+            try:
+                item = lines.get(timeout=0.5)
+            except queue.Empty:
+                continue
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                if remote_state(address, submission_id) not in TERMINAL:
+                    raise _cluster_error(address, item)
+                return
+            yield item
+    finally:
+        if thread.is_alive():
+            for task in asyncio.all_tasks(loop):
+                loop.call_soon_threadsafe(task.cancel)
+            thread.join(5)
+
+
+# --------------------------------------------------------------------------- packaging
+
+
+def shipped_spec(spec: JobSpec) -> dict[str, Any]:
+    """The resolved spec as it runs on the cluster: local relative paths made absolute (the
+    cluster's working directory is not the caller's; the cluster must see the same files)."""
+    doc = spec.model_dump(mode="json")
+    for part in ("input", "output"):
+        path = str(doc[part]["path"])
+        if "://" not in path and not os.path.isabs(path):
+            absolute = os.path.abspath(path) + ("/" if path.endswith("/") else "")
+            doc[part]["path"] = absolute
+    return doc
+
+
+def entrypoint_args(*, wait: bool = False, verbose: bool = False) -> list[str]:
+    args = ["python", "-m", "batch.cli", "submit", SPEC_FILE, "--address", "auto"]
+    if wait:
+        args.append("--wait")
+    if verbose:
+        args.append("--verbose")
+    return args
+
+
+def code_modules() -> list[str]:
+    """The folders of this project's packages, shipped with every job (``py_modules``)."""
+    import batch
+    import pipelines
+
+    return [str(Path(batch.__file__).parent), str(Path(pipelines.__file__).parent)]
+
+
+@contextmanager
+def job_package(
+    spec: JobSpec, *, wait: bool = False, verbose: bool = False
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(entrypoint, runtime_env) for a Jobs API submission; the working dir holds the spec."""
+    folder = Path(tempfile.mkdtemp(prefix="batchinfer-job-"))
+    try:
+        (folder / SPEC_FILE).write_text(yaml.safe_dump(shipped_spec(spec), sort_keys=False))
+        runtime_env = {
+            "working_dir": str(folder),
+            "py_modules": code_modules(),
+            "excludes": ["__pycache__", "*.pyc"],
+            # Only keys the driver's own ray.init leaves alone: Ray refuses to merge a job's
+            # runtime env with the driver's when both set the same variable.
+            "env_vars": {"PYTHONUNBUFFERED": "1"},
+        }
+        yield " ".join(entrypoint_args(wait=wait, verbose=verbose)), runtime_env
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- progress
+
+
+class RemoteEvents:
+    """Turns the remote CLI's JSON lines back into calls on a local progress reporter.
+
+    The remote run writes ``planned``, ``engines_starting``, ``progress`` (running totals),
+    ``message`` and ``finished`` events; a progress event becomes one ``chunk_done`` with
+    the difference since the last one. Log records (JSON with a ``level``) are shown when
+    they are warnings or worse; other lines (the final summary, errors) pass through.
+    """
+
+    def __init__(self, reporter: Any, echo: Callable[[str], None]) -> None:
+        self.reporter = reporter
+        self.echo = echo
+        self.last: dict[str, int] = {}
+        self.finished: dict[str, Any] | None = None
+
+    def feed(self, line: str) -> None:
+        doc = _json_object(line)
+        if doc is None:
+            if line.strip():
+                self.echo(line)
+            return
+        event = doc.get("event")
+        if event == "planned":
+            self.reporter.planned(doc)
+        elif event == "engines_starting":
+            self.reporter.engines_starting(
+                int(doc.get("replicas", 1)), float(doc.get("usd_per_hour", 0.0))
+            )
+        elif event == "progress":
+            # One chunk_done per chunk finished since the last event (the first carries the
+            # rows and tokens), so the local bar counts chunks as the remote one did.
+            delta, chunks = self._delta(doc)
+            for i in range(max(1, chunks)):
+                self.reporter.chunk_done(delta if i == 0 else dict.fromkeys(delta, 0))
+        elif event == "message":
+            self.reporter.message(str(doc.get("text", "")))
+        elif event == "finished":
+            self.finished = doc
+        elif "level" in doc and doc["level"] in ("warning", "error", "critical"):
+            self.echo(f"{doc['level'].upper()} {doc.get('logger', '')}: {doc.get('message', '')}")
+
+    def _delta(self, doc: Mapping[str, Any]) -> tuple[dict[str, int], int]:
+        now = {k: int(doc.get(k, 0)) for k in ("chunks", "rows", "failed_rows", "output_tokens")}
+        d = {k: now[k] - self.last.get(k, 0) for k in now}
+        self.last = now
+        stats = {
+            "rows": d["rows"] - d["failed_rows"],
+            "failed_rows": d["failed_rows"],
+            "input_tokens": 0,  # the remote progress event carries output tokens only
+            "output_tokens": d["output_tokens"],
+        }
+        return stats, d["chunks"]
+
+
+def _json_object(line: str) -> dict[str, Any] | None:
+    text = line.strip()
+    if not (text.startswith("{") and text.endswith("}")):
+        return None
+    try:
+        doc = json.loads(text)
+    except ValueError:
+        return None
+    return doc if isinstance(doc, dict) else None
