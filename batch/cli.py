@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -49,6 +50,25 @@ SetOption = Annotated[
 ]
 
 
+AddressOption = Annotated[
+    str | None,
+    typer.Option(
+        help="A Ray cluster. http://HEAD:8265 (the dashboard): run the job there through the Ray "
+        "Jobs API (set RAY_AUTH_MODE=token and the token if the cluster asks for one). "
+        "ray://HEAD:10001 or auto: run the driver here, its tasks on the cluster. "
+        "Default: a local Ray for this job.",
+    ),
+]
+RunIdOption = Annotated[
+    str | None,
+    typer.Option(
+        "--run-id",
+        help="The run id on the cluster (letters, digits, '-'). Default: the job's name and "
+        "spec fingerprint, so the same job always finds its own run.",
+    ),
+]
+
+
 def _configure_logging(verbose: bool, json_lines: bool) -> None:
     level = logging.INFO if verbose else logging.WARNING
     handler = logging.StreamHandler(sys.stderr)
@@ -80,7 +100,13 @@ def _fail(message: str, code: int = 1) -> None:
 
 @app.command()
 def submit(
-    job: Annotated[Path, typer.Argument(help="The job file, e.g. jobs/enrich.yaml.")],
+    job: Annotated[
+        Path,
+        typer.Argument(
+            help="The job file, e.g. jobs/enrich.yaml (or env:NAME: the job's YAML in that "
+            "environment variable, as a KubeRay RayJob passes it)."
+        ),
+    ],
     set_: SetOption = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="No progress output; only the final line.")
@@ -88,14 +114,20 @@ def submit(
     verbose: Annotated[
         bool, typer.Option("--verbose", "-v", help="Show Ray and vLLM logs too.")
     ] = False,
-    address: Annotated[
-        str | None,
-        typer.Option(help="Ray cluster address (ray://HEAD:10001). Default: a local Ray."),
-    ] = None,
+    address: AddressOption = None,
     wait: Annotated[
         bool,
         typer.Option(
             "--wait", help="If another run holds the output, wait for it instead of exiting 3."
+        ),
+    ] = False,
+    run_id: RunIdOption = None,
+    detach: Annotated[
+        bool,
+        typer.Option(
+            "--detach",
+            help="With an http:// address: return once the job is submitted (or found), and "
+            "leave it running if you press Ctrl-C later.",
         ),
     ] = False,
 ) -> None:
@@ -104,19 +136,37 @@ def submit(
     Shows a progress bar on a terminal and JSON lines otherwise (Airflow logs). Exits 0 when
     every input row is in data/ or _failed/; the last line counts rows and failures.
 
+    With --address http://HEAD:8265 the job runs on that Ray cluster (Ray Jobs API) under a
+    run id made of its name and spec fingerprint: submitting it again attaches to the job
+    already there instead of starting a second one, and progress and logs stream back here.
+    Ctrl-C asks whether to stop the remote job (without a terminal it stops it; --detach
+    leaves it running).
+
     Examples:
 
       batchinfer submit jobs/enrich.yaml
 
       batchinfer submit jobs/enrich.yaml --set input.path=s3://bucket/reviews/ \\
           --set output.path=s3://bucket/out/
-    """
-    from batch.spec import load_spec
 
+      RAY_AUTH_MODE=token batchinfer submit jobs/enrich.yaml --address http://127.0.0.1:8265
+    """
     json_lines = not sys.stdout.isatty()
     _configure_logging(verbose, json_lines)
+    from batch.cluster import is_jobs_api
+
+    if address and is_jobs_api(address):
+        code = _follow_remote(
+            address, job, set_ or [], run_id=run_id, wait=wait, verbose=verbose, quiet=quiet,
+            detach=detach, json_lines=json_lines,
+        )  # fmt: skip
+        if code:
+            raise typer.Exit(code)
+        return
+    if run_id or detach:
+        _fail("--run-id and --detach need a Jobs API address: --address http://HEAD:8265", 2)
     try:
-        spec = load_spec(job, set_ or [])
+        spec = _load_job(job, set_ or [])
     except SpecError as exc:
         _fail(str(exc), 2)
         return
@@ -127,6 +177,22 @@ def submit(
         quiet=quiet,
         json_lines=json_lines,
     )
+
+
+def _load_job(job: Path, overrides: list[str]) -> JobSpec:
+    """A job file, or ``env:NAME``: the job's YAML in an environment variable."""
+    import os
+
+    from batch.spec import load_spec, parse_spec
+
+    text = str(job)
+    if text.startswith("env:"):
+        name = text.removeprefix("env:")
+        body = os.environ.get(name)
+        if not body:
+            raise SpecError(f"{text}: the environment variable {name} is not set or empty")
+        return parse_spec(body, source=f"${name}", overrides=overrides)
+    return load_spec(job, overrides)
 
 
 def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: bool) -> None:
@@ -214,24 +280,42 @@ def status(
     set_: SetOption = None,
     storage_options: StorageOption = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="A Ray cluster's Jobs API (http://HEAD:8265): also show the state of this "
+            "job's run there (PENDING, RUNNING, SUCCEEDED, FAILED, STOPPED)."
+        ),
+    ] = None,
+    run_id: RunIdOption = None,
 ) -> None:
     """Where a job stands: chunks done of total, rows, failed rows, tokens, elapsed, and
-    whether a run holds the output now. Reads only the output.
+    whether a run holds the output now. Reads the output; with --address, also asks the
+    cluster about the job's run.
 
     Examples:
 
       batchinfer status out/enrich-reviews/
 
       batchinfer status jobs/enrich.yaml --json
+
+      batchinfer status jobs/enrich.yaml --address http://127.0.0.1:8265
     """
+    from batch.cluster import is_jobs_api
     from batch.status import output_status
 
     _configure_logging(False, False)
+    if address and not is_jobs_api(address):
+        _fail(f"--address {address}: give the Jobs API's http(s)://HEAD:8265 address", 2)
     spec = _spec_or_exit(target, set_ or [], storage_options)
     doc = output_status(spec)
+    if address:
+        doc["cluster"] = _cluster_status(address, spec, run_id)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return
+    if address:
+        typer.echo(_describe_cluster_status(doc["cluster"]))
     if doc["state"] == "empty":
         typer.echo(f"{doc['output']}: no job has written here yet")
         return
@@ -497,6 +581,349 @@ def demo(
             return
         for name, path in prepared.items():
             typer.echo(f"model builtin:{name} ready at {path}")
+
+
+# --------------------------------------------------------------------------- on a cluster
+
+
+def _remote_target(address: str, spec: JobSpec, run_id: str | None) -> tuple[str, Any]:
+    """(run id, the JobDetails standing for it or None); exits 2 on a bad address or id."""
+    from batch import cluster
+
+    if not cluster.is_jobs_api(address):
+        _fail(f"--address {address}: give the Jobs API's http(s)://HEAD:8265 address", 2)
+    try:
+        rid = cluster.normalise_run_id(run_id) if run_id else cluster.make_run_id(spec)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+        raise
+    try:
+        found = cluster.attempts(address, rid)
+    except BatchInferError as exc:
+        _fail(str(exc), 1)
+        raise
+    current = cluster.current_attempt(found) or (found[-1] if found else None)
+    return rid, (current, len(found))
+
+
+def _cluster_status(address: str, spec: JobSpec, run_id: str | None) -> dict[str, Any]:
+    rid, (job, count) = _remote_target(address, spec, run_id)
+    return {
+        "address": address,
+        "run_id": rid,
+        "submission_id": job.submission_id if job else None,
+        "state": str(job.status) if job else None,
+        "attempts": count,
+        "message": (job.message or "").strip().splitlines()[0] if job and job.message else "",
+    }
+
+
+def _describe_cluster_status(doc: dict[str, Any]) -> str:
+    if not doc["state"]:
+        return f"cluster: no run {doc['run_id']} on {doc['address']}"
+    return (
+        f"cluster: {doc['state']} {doc['submission_id']} (attempt {doc['attempts']} of run "
+        f"{doc['run_id']}) on {doc['address']}"
+    )
+
+
+@app.command()
+def stop(
+    target: TargetArg,
+    address: Annotated[
+        str, typer.Option(help="The Ray cluster's Jobs API, e.g. http://127.0.0.1:8265.")
+    ],
+    set_: SetOption = None,
+    storage_options: StorageOption = None,
+    run_id: RunIdOption = None,
+) -> None:
+    """Stop the job's run on a Ray cluster. Committed chunks are kept: submitting the same
+    job again starts a new attempt that resumes where this one stopped.
+
+    Example:
+
+      batchinfer stop jobs/enrich.yaml --address http://127.0.0.1:8265
+    """
+    from batch import cluster
+
+    _configure_logging(False, False)
+    spec = _spec_or_exit(target, set_ or [], storage_options)
+    rid, (job, _) = _remote_target(address, spec, run_id)
+    if job is None or str(job.status) not in cluster.ACTIVE:
+        state = f"its last attempt {job.submission_id} is {job.status}" if job else "none found"
+        _fail(f"run {rid} is not running on {address} ({state})", 1)
+        return
+    try:
+        cluster.stop_remote(address, job.submission_id)
+        state = cluster.wait_terminal(address, job.submission_id, timeout=60)
+    except BatchInferError as exc:
+        _fail(str(exc), 1)
+        return
+    typer.echo(f"{job.submission_id}: {state}; committed chunks are kept (submit again to resume)")
+
+
+def _follow_remote(
+    address: str,
+    job: Path,
+    overrides: list[str],
+    *,
+    run_id: str | None,
+    wait: bool,
+    verbose: bool,
+    quiet: bool,
+    detach: bool,
+    json_lines: bool,
+) -> int:
+    """Submit to (or attach to) the job's run on a cluster and follow it to its end.
+
+    Returns the exit code a local run would have had: 0 done, 2 invalid spec, 3 another run
+    holds the output, 1 failed or stopped on the cluster, 130 interrupted here.
+    """
+    import signal
+
+    from batch import cluster
+    from batch.progress import NullReporter, RichReporter
+
+    if not verbose:
+        # Ray's job client logs each package upload at INFO; the user wants the job's lines.
+        logging.getLogger("ray").setLevel(logging.WARNING)
+    try:
+        run = cluster.submit_remote(
+            address, job, overrides, run_id=run_id, wait=wait, verbose=verbose
+        )
+    except SpecError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 2
+    except ValueError as exc:  # a run id that cannot be one
+        typer.echo(f"error: --run-id: {exc}", err=True)
+        return 2
+    except BatchInferError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    except KeyboardInterrupt:
+        typer.echo("interrupted before the job was submitted", err=True)
+        return 130
+    sid = run.submission_id
+    if json_lines:
+        _json_event(
+            "attached" if run.attached else "submitted",
+            address=address, run_id=run.run_id, submission_id=sid,
+        )  # fmt: skip
+    elif not quiet:
+        verb = "attached to" if run.attached else "submitted"
+        typer.echo(f"{verb} {sid} (run {run.run_id}) on {address}", err=True)
+    if detach:
+        typer.echo(
+            f"{sid}: running on {address}; follow it with the same command without --detach, "
+            f"see it with `batchinfer status {job} --address {address}`, stop it with "
+            f"`batchinfer stop {job} --address {address}`",
+            err=True,
+        )
+        return 0
+
+    reporter: Any = NullReporter() if quiet or json_lines else RichReporter()
+    last_line = ""
+
+    def echo(line: str) -> None:
+        nonlocal last_line
+        if _RAY_LOG_LINE.match(line) or line.startswith(_RAY_NOISE):
+            if verbose:
+                typer.echo(line, err=True)
+            return
+        if line.startswith("error: ") or line.startswith("interrupted"):
+            typer.echo(line, err=True)
+            return
+        last_line = line
+        if isinstance(reporter, RichReporter):
+            reporter.message(line)  # above the live bar
+        elif not quiet:
+            typer.echo(line)
+
+    events = cluster.RemoteEvents(reporter, echo)
+
+    def on_term(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, on_term)
+    try:
+        for line in cluster.tail_logs(address, sid):
+            if json_lines and not quiet:
+                doc = cluster._json_object(line)
+                if doc is not None:  # the remote's JSON lines, as they are
+                    typer.echo(line, err="level" in doc)
+                    continue
+            events.feed(line)
+        cluster.wait_terminal(address, sid, timeout=60)
+        info = cluster.job_info(address, sid)
+    except KeyboardInterrupt:
+        if isinstance(reporter, RichReporter):
+            reporter.stop()
+        return _interrupted(address, sid, job, detach=detach, interactive=not json_lines)
+    except BatchInferError as exc:
+        if isinstance(reporter, RichReporter):
+            reporter.stop()
+        typer.echo(f"error: {exc}", err=True)
+        return 1
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    if isinstance(reporter, RichReporter):
+        reporter.stop()
+    code = cluster.exit_code(info)
+    if quiet and last_line and code == 0:
+        typer.echo(last_line)
+    if str(info.status) == "STOPPED":
+        typer.echo(
+            f"error: {sid} was stopped on the cluster; committed chunks are kept, submit the "
+            "same job again to resume",
+            err=True,
+        )
+    elif code and (info.driver_exit_code is None):  # it never got to run our CLI
+        message = (info.message or "").strip().splitlines()
+        typer.echo(f"error: {sid} {info.status}: {message[0] if message else ''}", err=True)
+    return code
+
+
+_RAY_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ _]\d\d:\d\d:\d\d")
+_RAY_NOISE = ("Running entrypoint for job", "[")
+
+
+def _interrupted(address: str, sid: str, job: Path, *, detach: bool, interactive: bool) -> int:
+    """Ctrl-C (or SIGTERM) while following a remote job: stop it, or leave it running.
+
+    On a terminal, ask (default: leave it running). Without one (a script, Airflow), stop it
+    unless --detach: the same as Ctrl-C on a local run, which ends the job.
+    """
+    from batch import cluster
+
+    if detach:
+        stop = False
+    elif interactive and sys.stdin.isatty():
+        try:
+            stop = typer.confirm(f"\nStop the remote job {sid}?", default=False)
+        except (KeyboardInterrupt, typer.Abort):
+            stop = False
+    else:
+        stop = True
+    if stop:
+        try:
+            cluster.stop_remote(address, sid)
+            state = cluster.wait_terminal(address, sid, timeout=60)
+        except BatchInferError as exc:
+            typer.echo(f"error: could not stop {sid}: {exc}", err=True)
+            return 130
+        typer.echo(
+            f"interrupted: {sid} {state.lower()}; committed chunks are kept, run the same "
+            "command to resume",
+            err=True,
+        )
+    else:
+        typer.echo(
+            f"interrupted: {sid} keeps running on {address}; run the same command to follow it "
+            f"again, or `batchinfer stop {job} --address {address}`",
+            err=True,
+        )
+    return 130
+
+
+def _json_event(event: str, **fields: Any) -> None:
+    import time
+
+    typer.echo(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}))
+
+
+@app.command("render")
+def render(
+    kind: Annotated[str, typer.Argument(help="What to render: kuberay (a RayJob manifest).")],
+    job: Annotated[Path, typer.Argument(help="The job file.")],
+    set_: SetOption = None,
+    image: Annotated[
+        str | None,
+        typer.Option(
+            help="Container image with batchinfer and its engine installed (the head's and "
+            "workers'). Default: batchinfer:<version>."
+        ),
+    ] = None,
+    namespace: Annotated[
+        str, typer.Option(help="Kubernetes namespace (infra/terraform creates batchinfer).")
+    ] = "batchinfer",
+    service_account: Annotated[
+        str,
+        typer.Option(
+            "--service-account",
+            help="Service account of the Ray pods: the identity that may read and write the "
+            "bucket (infra/terraform creates batchinfer-ray).",
+        ),
+    ] = "batchinfer-ray",
+    ttl: Annotated[
+        int, typer.Option(help="Seconds the finished cluster stays up (to read its logs).")
+    ] = 600,
+    worker_memory: Annotated[
+        str | None,
+        typer.Option("--worker-memory", help="Memory per worker pod. Default: 48Gi GPU, 8Gi CPU."),
+    ] = None,
+    run_id: RunIdOption = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
+    ] = None,
+) -> None:
+    """Render the job as a KubeRay RayJob manifest, ready for kubectl apply.
+
+    The RayJob is named by the run id and carries the spec (credentials removed: the pods
+    get access from the service account). KubeRay starts a cluster for it, a head that
+    takes no work and a worker group sized from resources (GPU pods with the nvidia.com/gpu
+    toleration, or CPU pods), runs the job and deletes the cluster --ttl seconds after.
+
+    Examples:
+
+      batchinfer render kuberay jobs/enrich.yaml --set resources.device=gpu \\
+          --set input.path=s3://bucket/in/ --set output.path=s3://bucket/out/ -o rayjob.yaml
+
+      kubectl apply -f rayjob.yaml && kubectl -n batchinfer get rayjobs -w
+    """
+    from batch import cluster
+    from batch.spec import load_spec
+
+    _configure_logging(False, False)
+    if kind != "kuberay":
+        _fail(f"render {kind}: only kuberay can be rendered (a RayJob manifest)", 2)
+    try:
+        spec = load_spec(job, set_ or [])
+        manifest = cluster.render_kuberay(
+            spec, run_id=run_id, image=image, namespace=namespace,
+            service_account=service_account, ttl_seconds=ttl, worker_memory=worker_memory,
+        )  # fmt: skip
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    except ValueError as exc:
+        _fail(f"--run-id: {exc}", 2)
+        return
+    for part in ("input", "output"):
+        path = getattr(spec, part).path
+        if "://" not in path or path.startswith("file://"):
+            typer.echo(
+                f"warning: {part}.path {path} is a local path; the cluster's pods will not see "
+                "it (use s3://...)",
+                err=True,
+            )
+    for part in ("input", "output"):
+        options = getattr(spec, part).storage_options
+        if cluster.without_secrets(options) != options:
+            typer.echo(
+                f"note: {part}.storage_options: credentials left out of the manifest; the pods "
+                f"use the service account {service_account}'s role",
+                err=True,
+            )
+    text = cluster.manifest_yaml(manifest)
+    if output:
+        output.write_text(text)
+        typer.echo(
+            f"wrote {output}: RayJob {manifest['metadata']['name']} in namespace {namespace}; "
+            f"kubectl apply -f {output}",
+            err=True,
+        )
+    else:
+        typer.echo(text, nl=False)
 
 
 def main() -> None:

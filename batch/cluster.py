@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import os
 import queue
 import re
@@ -69,8 +70,7 @@ def normalise_run_id(text: str) -> str:
     with a letter, at most 47 characters (a RayJob name), e.g. ``enrich-reviews-3f2a...``.
     Raises ValueError when nothing usable is left.
     """
-    rid = re.sub(r"[^a-z0-9-]+", "-", text.strip().lower())
-    rid = re.sub(r"-{2,}", "-", rid).strip("-")
+    rid = _slug(text)
     if not rid:
         raise ValueError(f"run id {text!r}: use letters, digits and '-'")
     if not rid[0].isalpha():
@@ -80,13 +80,19 @@ def normalise_run_id(text: str) -> str:
     return rid
 
 
+def _slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.strip().lower()).strip("-")
+
+
 def make_run_id(spec: JobSpec, *, tag: str | None = None) -> str:
     """``<name>-<fp12>`` or ``<name>-<tag>-<fp12>``: the same job (and tag) always gets the
     same id; any change to what determines the output rows gives a new one. The name is
     normalised (lowercase, '-' for other characters) and shortened to fit 47 characters.
     """
     fp = spec.fingerprint()[:12]
-    suffix = f"{normalise_run_id(tag)}-{fp}" if tag else fp
+    if tag is not None and not _slug(tag):
+        raise ValueError(f"tag {tag!r}: use letters, digits and '-'")
+    suffix = f"{_slug(tag)}-{fp}" if tag else fp
     room = MAX_RUN_ID - len(suffix) - 1
     if room < 1:
         raise ValueError(f"tag {tag!r} is too long for a run id")
@@ -474,3 +480,201 @@ def _json_object(line: str) -> dict[str, Any] | None:
     except ValueError:
         return None
     return doc if isinstance(doc, dict) else None
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+KUBERAY_NAMESPACE = "batchinfer"  # what infra/terraform creates
+KUBERAY_SERVICE_ACCOUNT = "batchinfer-ray"  # the only identity that can reach the bucket
+KUBERAY_TTL_SECONDS = 600
+GPU_RESOURCE = "nvidia.com/gpu"
+NODE_ROLE = "batchinfer.io/node-role"  # the Karpenter pools' label: ray-cpu, ray-gpu
+SPEC_ENV = "BATCHINFER_SPEC"
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|sas", re.IGNORECASE)
+
+
+def default_image() -> str:
+    from batch import __version__
+
+    return f"batchinfer:{__version__}"
+
+
+def without_secrets(options: Any) -> Any:
+    """Storage options with every credential-like key removed (recursively): a manifest is
+    shared and stored; pods get their access from the service account's role instead."""
+    if isinstance(options, dict):
+        return {
+            k: without_secrets(v)
+            for k, v in options.items()
+            if not (_SECRET_KEY.search(str(k)) and k != "endpoint_url")
+        }
+    if isinstance(options, list):
+        return [without_secrets(v) for v in options]
+    return options
+
+
+def render_kuberay(
+    spec: JobSpec,
+    *,
+    run_id: str | None = None,
+    image: str | None = None,
+    namespace: str = KUBERAY_NAMESPACE,
+    service_account: str = KUBERAY_SERVICE_ACCOUNT,
+    ttl_seconds: int = KUBERAY_TTL_SECONDS,
+    worker_memory: str | None = None,
+) -> dict[str, Any]:
+    """A KubeRay ``RayJob`` (ray.io/v1) that runs this job on a cluster of its own.
+
+    KubeRay creates a RayCluster (a head that takes no work, and one worker group sized from
+    ``resources``: GPU pods with the ``nvidia.com/gpu`` toleration, or CPU pods), submits the
+    entrypoint under the run id, and deletes the cluster ``ttl_seconds`` after the job ends.
+    The spec travels inside the manifest (``runtimeEnvYAML``), credentials removed; the
+    image must contain batchinfer with its engine (``pip install batchinfer[gpu]``).
+    """
+    rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
+    res = spec.resources
+    gpu = res.device == "gpu"
+    doc = spec.model_dump(mode="json")
+    for part in ("input", "output"):
+        doc[part]["storage_options"] = without_secrets(doc[part]["storage_options"])
+    # The spec as YAML text in an environment variable, read by `submit env:NAME`: readable in
+    # the manifest, and no file system shared with whoever rendered it is needed.
+    runtime_env = {"env_vars": {SPEC_ENV: _yaml(doc), "PYTHONUNBUFFERED": "1"}}
+    # No shell syntax: KubeRay's submitter passes the entrypoint through a shell of its own.
+    # --wait: a retry on a new cluster waits out the lease of a driver that died with the old
+    # one (a minute) instead of exiting 3; the output's markers make the retry a resume.
+    entrypoint = f"python -m batch.cli submit env:{SPEC_ENV} --address auto --wait"
+    labels = {
+        "app.kubernetes.io/name": "batchinfer",
+        "app.kubernetes.io/managed-by": "batchinfer",
+        "batchinfer.io/run-id": rid,
+    }
+    pod_annotations = {"karpenter.sh/do-not-disrupt": "true"}  # no consolidation mid-job
+    image = image or default_image()
+
+    if gpu:
+        per_pod_gpus = max(1, math.ceil(res.gpus_per_replica))
+        replicas_per_pod = max(1, int(per_pod_gpus // res.gpus_per_replica))
+    else:
+        per_pod_gpus, replicas_per_pod = 0, 1
+    pods = math.ceil(res.replicas / replicas_per_pod)
+    # The engines' CPUs plus one for the light read and commit tasks (the head takes none).
+    worker_cpus = math.ceil(res.cpus_per_replica * replicas_per_pod) + 1
+    # Fits the smallest GPU nodes infra/terraform offers (g5.xlarge: 4 vCPUs, 16 GiB).
+    memory = worker_memory or (f"{12 * per_pod_gpus}Gi" if gpu else "8Gi")
+    worker_limits: dict[str, Any] = {"cpu": str(worker_cpus), "memory": memory}
+    if gpu:
+        worker_limits[GPU_RESOURCE] = per_pod_gpus
+    worker_pod: dict[str, Any] = {
+        "serviceAccountName": service_account,
+        "nodeSelector": {NODE_ROLE: "ray-gpu" if gpu else "ray-cpu"},
+        "containers": [
+            {
+                "name": "ray-worker",
+                "image": image,
+                "resources": {"limits": worker_limits, "requests": dict(worker_limits)},
+                "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+            }
+        ],
+        # vLLM and Ray's object store use shared memory; a container's default is 64 MiB.
+        "volumes": [{"name": "dshm", "emptyDir": {"medium": "Memory"}}],
+    }
+    if gpu:
+        worker_pod["tolerations"] = [
+            {"key": GPU_RESOURCE, "operator": "Exists", "effect": "NoSchedule"}
+        ]
+    head_resources = {"cpu": "2", "memory": "8Gi"}
+    head_pod = {
+        "serviceAccountName": service_account,
+        "nodeSelector": {NODE_ROLE: "ray-cpu"},
+        "containers": [
+            {
+                "name": "ray-head",
+                "image": image,
+                "ports": [
+                    {"containerPort": 6379, "name": "gcs-server"},
+                    {"containerPort": 8265, "name": "dashboard"},
+                    {"containerPort": 10001, "name": "client"},
+                ],
+                "resources": {"limits": head_resources, "requests": dict(head_resources)},
+            }
+        ],
+    }
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayJob",
+        "metadata": {
+            "name": rid,
+            "namespace": namespace,
+            "labels": labels,
+            "annotations": {"batchinfer.io/fingerprint": spec.fingerprint()},
+        },
+        "spec": {
+            "jobId": rid,  # the Ray submission id: the same run id as with the Jobs API
+            "entrypoint": entrypoint,
+            "runtimeEnvYAML": _yaml(runtime_env),
+            "metadata": {RUN_ID_KEY: rid, ATTEMPT_KEY: "1", "batchinfer_job": spec.name},
+            "submissionMode": "K8sJobMode",
+            "shutdownAfterJobFinishes": True,
+            "ttlSecondsAfterFinished": ttl_seconds,
+            # A retry gets a fresh cluster and resumes from the output's markers.
+            "backoffLimit": 2,
+            "rayClusterSpec": {
+                "rayVersion": _ray_version(),
+                "headGroupSpec": {
+                    # No tasks and no GPUs on the head: it runs the driver and Ray's services.
+                    "rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
+                    "template": {
+                        "metadata": {"labels": labels, "annotations": pod_annotations},
+                        "spec": head_pod,
+                    },
+                },
+                "workerGroupSpecs": [
+                    {
+                        "groupName": "gpu" if gpu else "cpu",
+                        "replicas": pods,
+                        "minReplicas": pods,
+                        "maxReplicas": pods,
+                        "rayStartParams": {},
+                        "template": {
+                            "metadata": {"labels": labels, "annotations": pod_annotations},
+                            "spec": worker_pod,
+                        },
+                    }
+                ],
+            },
+        },
+    }
+
+
+def _ray_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ray")
+    except PackageNotFoundError:
+        return "2.60.0"
+
+
+class _Dumper(yaml.SafeDumper):
+    """Block style for multi-line strings, no anchors: a manifest people read and diff."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def _str(dumper: yaml.SafeDumper, text: str) -> yaml.ScalarNode:
+    style = "|" if "\n" in text else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", text, style=style)
+
+
+_Dumper.add_representer(str, _str)
+
+
+def _yaml(doc: Any) -> str:
+    return yaml.dump(doc, Dumper=_Dumper, sort_keys=False, width=100)
+
+
+def manifest_yaml(manifest: Mapping[str, Any]) -> str:
+    """The manifest as YAML for ``kubectl apply -f``."""
+    return _yaml(dict(manifest))

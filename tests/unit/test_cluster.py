@@ -1,0 +1,354 @@
+"""Running on a cluster, without one: run ids, the KubeRay manifest, progress from remote
+lines, auth headers and the CLI's arguments. (The Jobs API itself: tests/integration.)"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import jsonschema
+import pytest
+import yaml
+
+from batch import cluster
+from batch.errors import ConfigurationError
+from batch.spec import JobSpec, load_spec, parse_spec
+
+SCHEMA = Path(__file__).parent.parent / "data" / "kuberay_rayjob_v1_schema.yaml"
+DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
+
+JOB = """\
+name: Enrich_Reviews.v2
+input: {path: "s3://bucket/in/", id_column: review_id,
+        storage_options: {key: AKIAEXAMPLE, secret: hush, client_kwargs: {endpoint_url: "http://s3:8333"}}}
+output: {path: "s3://bucket/out/"}
+model: {path: Qwen/Qwen3-8B}
+prompt: {template: "Summarise: {{ body }}"}
+resources: {device: gpu, replicas: 3, gpus_per_replica: 2}
+"""
+
+
+def spec(overrides: tuple[str, ...] = (), text: str = JOB) -> JobSpec:
+    return parse_spec(text, overrides=overrides)
+
+
+def batchinfer(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "batch.cli", *args], capture_output=True, text=True, env=env
+    )
+
+
+# --------------------------------------------------------------------------- run ids
+
+
+def test_run_id_is_the_name_and_fingerprint_and_stable() -> None:
+    s = spec()
+    rid = cluster.make_run_id(s)
+    assert rid == f"enrich-reviews-v2-{s.fingerprint()[:12]}"
+    assert cluster.make_run_id(spec()) == rid, "the same job gets the same id"
+    # Where the output goes and how fast it runs do not change the rows: same run.
+    assert cluster.make_run_id(spec(("output.path=s3://other/", "resources.replicas=8"))) == rid
+    # What determines the rows does.
+    assert cluster.make_run_id(spec(("sampling.max_tokens=7",))) != rid
+
+
+def test_run_id_with_a_tag_for_one_run_a_day() -> None:
+    s = spec()
+    rid = cluster.make_run_id(s, tag="2026-11-22")
+    assert rid == f"enrich-reviews-v2-2026-11-22-{s.fingerprint()[:12]}"
+    assert cluster.make_run_id(s, tag="2026-11-23") != rid
+
+
+def test_run_ids_fit_ray_and_kuberay_names() -> None:
+    long = spec(("name=" + "Very_Long.Job-Name" * 5,))
+    for rid in (cluster.make_run_id(long), cluster.make_run_id(long, tag="20261122T000000")):
+        assert len(rid) <= cluster.MAX_RUN_ID and DNS_1035.match(rid), rid
+        assert rid.endswith(long.fingerprint()[:12]), "the fingerprint is never cut off"
+    assert cluster.make_run_id(spec(("name=2024_report",))).startswith("r-2024-report-")
+
+
+def test_explicit_run_ids_are_normalised_or_refused() -> None:
+    assert cluster.normalise_run_id("Nightly_Run.7") == "nightly-run-7"
+    with pytest.raises(ValueError, match="letters, digits"):
+        cluster.normalise_run_id("__")
+    with pytest.raises(ValueError, match="at most 47"):
+        cluster.normalise_run_id("x" * 48)
+    assert cluster.attempt_submission_id("run-1", 1) == "run-1"
+    assert cluster.attempt_submission_id("run-1", 3) == "run-1-a3"
+
+
+def test_which_addresses_use_the_jobs_api() -> None:
+    assert cluster.is_jobs_api("http://127.0.0.1:8265")
+    assert cluster.is_jobs_api("https://ray.example.com")
+    for other in ("ray://head:10001", "auto", "127.0.0.1:6379", None, ""):
+        assert not cluster.is_jobs_api(other)
+
+
+# --------------------------------------------------------------------------- Jobs API bits
+
+
+def test_exit_codes_follow_the_remote_cli() -> None:
+    def info(status: str, code: int | None) -> Any:
+        return SimpleNamespace(status=status, driver_exit_code=code)
+
+    assert cluster.exit_code(info("SUCCEEDED", 0)) == 0
+    assert cluster.exit_code(info("FAILED", 2)) == 2, "invalid spec or input"
+    assert cluster.exit_code(info("FAILED", 3)) == 3, "another run holds the output"
+    assert cluster.exit_code(info("FAILED", 1)) == 1
+    assert cluster.exit_code(info("FAILED", None)) == 1, "runtime env never came up"
+    assert cluster.exit_code(info("STOPPED", -15)) == 1
+
+
+def test_attach_prefers_a_live_attempt_then_a_success() -> None:
+    def job(sid: str, status: str) -> Any:
+        return SimpleNamespace(submission_id=sid, status=status, metadata={})
+
+    assert cluster.current_attempt([job("r", "FAILED"), job("r-a2", "RUNNING")]).submission_id == (
+        "r-a2"
+    )
+    assert cluster.current_attempt([job("r", "SUCCEEDED")]).submission_id == "r"
+    assert cluster.current_attempt([job("r", "FAILED"), job("r-a2", "STOPPED")]) is None
+
+
+def test_auth_header_comes_from_the_token_the_way_ray_reads_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
+    assert cluster.auth_headers() == {}
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "missing"))
+    with pytest.raises(ConfigurationError, match="RAY_AUTH_TOKEN"):
+        cluster.auth_headers()
+    (tmp_path / "token").write_text("abc123\n")
+    monkeypatch.setenv("RAY_AUTH_TOKEN_PATH", str(tmp_path / "token"))
+    assert cluster.auth_headers() == {"Authorization": "Bearer abc123"}
+    monkeypatch.setenv("RAY_AUTH_TOKEN", "fromenv")
+    assert cluster.auth_headers() == {"Authorization": "Bearer fromenv"}
+
+
+class Recorder:
+    def __init__(self) -> None:
+        self.calls: list[tuple[str, Any]] = []
+
+    def planned(self, plan: dict[str, Any]) -> None:
+        self.calls.append(("planned", plan["pending_chunks"]))
+
+    def engines_starting(self, replicas: int, usd_per_hour: float = 0.0) -> None:
+        self.calls.append(("engines", replicas))
+
+    def chunk_done(self, stats: dict[str, Any]) -> None:
+        self.calls.append(("chunk", (stats["rows"], stats["failed_rows"], stats["output_tokens"])))
+
+    def message(self, text: str) -> None:
+        self.calls.append(("message", text))
+
+    def finished(self, summary: Any) -> None:
+        self.calls.append(("finished", None))
+
+
+def test_remote_progress_lines_drive_the_local_reporter() -> None:
+    rec, shown = Recorder(), []
+    events = cluster.RemoteEvents(rec, shown.append)
+    lines = [
+        "Running entrypoint for job x: python -m batch.cli submit job.yaml --address auto",
+        '{"ts": 1, "event": "planned", "files": 1, "rows": 24, "chunks": 3, '
+        '"committed_chunks": 0, "pending_chunks": 3, "pending_rows": 24}',
+        '{"ts": 2, "event": "engines_starting", "replicas": 2, "usd_per_hour": 0.1}',
+        '{"ts": 3, "level": "info", "logger": "batch.runner", "message": "quiet"}',
+        '{"ts": 4, "level": "warning", "logger": "batch.runner", "message": "loud"}',
+        '{"ts": 5, "event": "progress", "chunks": 1, "rows": 8, "failed_rows": 1, '
+        '"output_tokens": 50}',
+        '{"ts": 6, "event": "progress", "chunks": 3, "rows": 24, "failed_rows": 1, '
+        '"output_tokens": 150}',
+        '{"ts": 7, "event": "finished", "job": "x", "rows": 23}',
+        "x: 23 rows, 1 failed, ... -> out/",
+    ]
+    for line in lines:
+        events.feed(line)
+    chunks = [c[1] for c in rec.calls if c[0] == "chunk"]
+    assert chunks == [(7, 1, 50), (16, 0, 100), (0, 0, 0)], "one call per chunk, totals kept"
+    assert ("planned", 3) in rec.calls and ("engines", 2) in rec.calls
+    assert "WARNING batch.runner: loud" in shown and not any("quiet" in s for s in shown)
+    assert shown[-1] == "x: 23 rows, 1 failed, ... -> out/"
+    assert events.finished is not None and events.finished["rows"] == 23
+
+
+def test_jobs_api_package_ships_the_resolved_spec_and_the_code(tmp_path: Path) -> None:
+    s = spec(("input.path=data/in/",))
+    with cluster.job_package(s, wait=True) as (entrypoint, env):
+        shipped = yaml.safe_load((Path(env["working_dir"]) / "job.yaml").read_text())
+        assert entrypoint == "python -m batch.cli submit job.yaml --address auto --wait"
+        assert {Path(p).name for p in env["py_modules"]} == {"batch", "pipelines"}
+    assert not Path(env["working_dir"]).exists(), "the temporary folder is removed"
+    assert Path(shipped["input"]["path"]).is_absolute(), "relative paths made absolute"
+    assert shipped["resources"]["replicas"] == 3
+
+
+# --------------------------------------------------------------------------- KubeRay
+
+
+def strict(schema: Any) -> Any:
+    """Unknown fields are errors (as with kubectl apply --validate=strict)."""
+    if isinstance(schema, dict):
+        out = {k: strict(v) for k, v in schema.items()}
+        if "properties" in out and "additionalProperties" not in out:
+            out["additionalProperties"] = False
+        return out
+    if isinstance(schema, list):
+        return [strict(v) for v in schema]
+    return schema
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.protocols.Validator:
+    schema = strict(yaml.safe_load(SCHEMA.read_text()))
+    cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
+    cls.check_schema(schema)
+    return cls(schema)
+
+
+def test_gpu_manifest_is_a_valid_rayjob_sized_from_the_job(
+    validator: jsonschema.protocols.Validator,
+) -> None:
+    s = spec()
+    m = cluster.render_kuberay(s, image="registry.example/batchinfer:1")
+    validator.validate(m)
+    # a manifest that strays from the CRD is caught (the strict schema is not vacuous)
+    bad = copy.deepcopy(m)
+    bad["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["template"]["spec"]["tolerationz"] = []
+    with pytest.raises(jsonschema.ValidationError):
+        validator.validate(bad)
+
+    assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayJob")
+    rid = cluster.make_run_id(s)
+    assert m["metadata"]["name"] == rid and m["spec"]["jobId"] == rid
+    assert len(rid) <= 47 and DNS_1035.match(rid), "KubeRay's RayJob name rule"
+    assert m["metadata"]["namespace"] == "batchinfer"
+    spec_ = m["spec"]
+    assert spec_["shutdownAfterJobFinishes"] is True and spec_["ttlSecondsAfterFinished"] == 600
+    assert spec_["entrypoint"].startswith("python -m batch.cli submit env:BATCHINFER_SPEC")
+    assert "--address auto" in spec_["entrypoint"]
+    assert not set("|&;><$`'\"") & set(spec_["entrypoint"]), "no shell syntax"
+
+    head = spec_["rayClusterSpec"]["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    head_pod = head["template"]["spec"]
+    assert "tolerations" not in head_pod
+    assert not any("nvidia.com/gpu" in c["resources"]["limits"] for c in head_pod["containers"])
+
+    (group,) = spec_["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    (container,) = pod["containers"]
+    assert group["replicas"] == group["minReplicas"] == group["maxReplicas"] == 3
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2, "gpus_per_replica"
+    assert container["image"] == "registry.example/batchinfer:1"
+    assert {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"} in pod[
+        "tolerations"
+    ]
+    for p in (head_pod, pod):
+        assert p["serviceAccountName"] == "batchinfer-ray"
+
+
+def test_the_manifest_carries_the_spec_without_credentials(
+    validator: jsonschema.protocols.Validator,
+) -> None:
+    s = spec()
+    text = cluster.manifest_yaml(cluster.render_kuberay(s))
+    assert "AKIAEXAMPLE" not in text and "hush" not in text
+    m = yaml.safe_load(text)
+    runtime_env = yaml.safe_load(m["spec"]["runtimeEnvYAML"])
+    carried = parse_spec(runtime_env["env_vars"]["BATCHINFER_SPEC"])
+    assert carried.fingerprint() == s.fingerprint(), "the same job runs on the cluster"
+    assert carried.input.storage_options == {"client_kwargs": {"endpoint_url": "http://s3:8333"}}
+    validator.validate(m)
+
+
+def test_cpu_job_gets_a_cpu_worker_group(validator: jsonschema.protocols.Validator) -> None:
+    m = cluster.render_kuberay(
+        spec(("resources.device=cpu", "resources.replicas=2")),
+        namespace="team-a",
+        service_account="team-a-ray",
+        ttl_seconds=60,
+    )
+    validator.validate(m)
+    (group,) = m["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    pod = group["template"]["spec"]
+    assert group["groupName"] == "cpu" and group["replicas"] == 2
+    assert "tolerations" not in pod
+    assert "nvidia.com/gpu" not in pod["containers"][0]["resources"]["limits"]
+    assert m["metadata"]["namespace"] == "team-a" and pod["serviceAccountName"] == "team-a-ray"
+    assert m["spec"]["ttlSecondsAfterFinished"] == 60
+
+
+def test_fractional_gpus_share_a_pod(validator: jsonschema.protocols.Validator) -> None:
+    m = cluster.render_kuberay(spec(("resources.gpus_per_replica=0.5", "resources.replicas=3")))
+    validator.validate(m)
+    (group,) = m["spec"]["rayClusterSpec"]["workerGroupSpecs"]
+    assert group["replicas"] == 2, "two replicas per GPU, three replicas -> two pods"
+    assert group["template"]["spec"]["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_render_kuberay_cli_writes_a_manifest(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    out = tmp_path / "rayjob.yaml"
+    res = batchinfer(
+        "render", "kuberay", str(job), "--set", "resources.replicas=1", "--image", "img:1",
+        "--run-id", "Nightly_7", "-o", str(out),
+    )  # fmt: skip
+    assert res.returncode == 0, res.stderr
+    assert "credentials left out" in res.stderr and "kubectl apply -f" in res.stderr
+    m = yaml.safe_load(out.read_text())
+    assert m["metadata"]["name"] == "nightly-7"
+    assert m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
+
+
+def test_render_refuses_unknown_kinds_and_bad_specs(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    res = batchinfer("render", "helm", str(job))
+    assert res.returncode == 2 and "only kuberay" in res.stderr
+    res = batchinfer("render", "kuberay", str(job), "--set", "resources.replicas=0")
+    assert res.returncode == 2 and "resources.replicas" in res.stderr
+
+
+def test_cluster_options_need_a_jobs_api_address(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    res = batchinfer("submit", str(job), "--run-id", "x")
+    assert res.returncode == 2 and "--address http://" in res.stderr
+    res = batchinfer("status", str(job), "--address", "ray://head:10001")
+    assert res.returncode == 2 and "http(s)://" in res.stderr
+    res = batchinfer("submit", str(job), "--address", "http://x:8265", "--run-id", "__")
+    assert res.returncode == 2 and "--run-id" in res.stderr
+
+
+def test_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    res = batchinfer("submit", str(job), "--address", "http://127.0.0.1:9")
+    assert res.returncode == 1
+    assert res.stderr.strip().startswith("error: Ray cluster at http://127.0.0.1:9")
+    assert len(res.stderr.strip().splitlines()) == 1
+
+
+def test_submit_reads_a_job_from_an_environment_variable() -> None:
+    res = batchinfer("submit", "env:BATCHINFER_NO_SUCH_VAR")
+    assert res.returncode == 2 and "BATCHINFER_NO_SUCH_VAR is not set" in res.stderr
+
+
+def test_loaded_job_file_and_shipped_spec_agree() -> None:
+    s = load_spec("jobs/enrich.yaml")
+    shipped = parse_spec(json.dumps(cluster.shipped_spec(s)))
+    assert shipped.fingerprint() != "" and shipped.name == s.name
+    assert shipped.resources == s.resources and shipped.prompt == s.prompt
