@@ -47,6 +47,40 @@ def usage(markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "input_tokens": sum(int(m["input_tokens"]) for m in markers),
         "output_tokens": sum(int(m["output_tokens"]) for m in markers),
         "engine_window_seconds": round(max(ends) - min(starts), 3) if starts and ends else 0.0,
+        **engine_busy(markers),
+    }
+
+
+def engine_busy(markers: Sequence[dict[str, Any]]) -> dict[str, float]:
+    """How much of each engine's working window had at least one chunk in it.
+
+    Per engine actor, the window runs from its first chunk reaching the engine to its last
+    result; busy time is the union of its chunks' engine intervals. ``engine_idle_fraction``
+    is the share of the windows when an engine had nothing to do (model load excluded): the
+    gaps continuous batching could not fill because no chunk was ready.
+    """
+    spans: dict[str, list[tuple[float, float]]] = {}
+    for m in markers:
+        t = m.get("timings", {})
+        if "engine_start" in t and "engine_end" in t:
+            actor = str(m.get("engine", {}).get("actor", ""))
+            spans.setdefault(actor, []).append((float(t["engine_start"]), float(t["engine_end"])))
+    busy = window = 0.0
+    for intervals in spans.values():
+        intervals.sort()
+        window += max(end for _, end in intervals) - intervals[0][0]
+        cur_start, cur_end = intervals[0]
+        for start, end in intervals[1:]:
+            if start > cur_end:
+                busy += cur_end - cur_start
+                cur_start, cur_end = start, end
+            else:
+                cur_end = max(cur_end, end)
+        busy += cur_end - cur_start
+    idle = 1.0 - busy / window if window > 0 else 0.0
+    return {
+        "engine_busy_seconds": round(busy, 3),
+        "engine_idle_fraction": round(max(0.0, idle), 4),
     }
 
 

@@ -24,7 +24,7 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
     per_m = ledger.get("usd_per_million_tokens")
     rps = ledger.get("rows_per_second_per_replica", 0.0)
     util = ledger.get("utilisation_assumed", 0.7)
-    return [
+    lines = [
         f"job {ledger['job']} ({ledger['task']}, {ledger['model']}): {ledger['rows']:,} rows, "
         f"{ledger['failed_rows']:,} failed, {ledger['input_tokens']:,} input + "
         f"{ledger['output_tokens']:,} output tokens",
@@ -33,6 +33,17 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
         f"wall {ledger['wall_seconds']:,.0f}s; price table {ledger['price_table_version']}",
         f"measured {rps:,.2f} rows/s per replica: at {util:.0%} utilisation one replica "
         f"handles {rps * 86400 * util:,.0f} rows/day (compare with the break-even column)",
+    ]
+    return lines + _idle_line(ledger)
+
+
+def _idle_line(ledger: dict[str, Any]) -> list[str]:
+    if "engine_idle_fraction" not in ledger:  # ledgers written before it was measured
+        return []
+    return [
+        f"engines busy {ledger['engine_busy_seconds']:,.1f}s, idle "
+        f"{ledger['engine_idle_fraction']:.1%} of their working window between chunks "
+        "(model load excluded; raise resources.chunks_in_flight if this is high)"
     ]
 
 

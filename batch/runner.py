@@ -217,9 +217,7 @@ class EngineStage:
 
     async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
         work: ChunkWork = pickle.loads(row["work"])
-        t0 = time.time()
         work.results = await self._run(work) if work.requests else []
-        work.timings.update(engine_start=t0, engine_end=time.time())
         work.engine = {
             "actor": self.actor,
             "created": self.created,
@@ -252,7 +250,12 @@ class EngineStage:
                 ]
             try:
                 async with self.gate.enter(alone=attempt > 1):
-                    return await self.engine.run(work.requests)
+                    # The engine window of this chunk: from its requests reaching the engine
+                    # to its last result (the ledger's busy/idle accounting reads these).
+                    work.timings["engine_start"] = time.time()
+                    results = await self.engine.run(work.requests)
+                    work.timings["engine_end"] = time.time()
+                    return results
             except Exception as exc:
                 last_error = f"{type(exc).__name__}: {exc}"[:300]
                 log.warning("chunk %s attempt %d failed: %s", chunk_id, attempt, last_error)

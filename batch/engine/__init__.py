@@ -35,7 +35,7 @@ class EngineResult:
     embedding: list[float] | None = None
     error_kind: str | None = None
     error: str | None = None
-    timings: dict[str, float] = field(default_factory=dict)
+    timings: dict[str, float] = field(default_factory=dict)  # finished_at: unix time
 
 
 class Engine(Protocol):

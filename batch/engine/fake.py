@@ -17,6 +17,7 @@ import asyncio
 import hashlib
 import math
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -55,6 +56,9 @@ class FakeEngine:
             results.append(self._one(req, prompt))
         if self.delay:
             await asyncio.sleep(self.delay * sum(r.output_tokens for r in results))
+        done = time.time()
+        for r in results:
+            r.timings["finished_at"] = done
         return results
 
     def _one(self, req: EngineRequest, prompt: str) -> EngineResult:

@@ -14,6 +14,7 @@ import contextlib
 import itertools
 import logging
 import os
+import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -93,6 +94,11 @@ class VLLMEngine:
         return list(await asyncio.gather(*(self._one(r) for r in requests)))
 
     async def _one(self, req: EngineRequest) -> EngineResult:
+        result = await self._run_one(req)
+        result.timings["finished_at"] = time.time()
+        return result
+
+    async def _run_one(self, req: EngineRequest) -> EngineResult:
         try:
             ids = self._tokenize(req)
         except Exception as exc:  # a row the tokenizer cannot take is that row's problem

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from batch.ledger import build_ledger, check
+from batch.ledger import build_ledger, check, engine_busy
 from batch.prices import load_price_table
 from batch.spec import JobSpec, parse_spec
 from tests.conftest import write_job
@@ -121,3 +121,16 @@ def test_ledger_command_writes_table_markdown_and_chart(reviews: Path, tmp_path:
     by_hand = doc["input_tokens"] * 0.15e-6 + doc["output_tokens"] * 0.60e-6
     assert mini["list_usd"] == pytest.approx(by_hand, rel=1e-3)
     assert mini["batch_usd"] == pytest.approx(by_hand / 2, rel=1e-3)
+
+
+def test_engine_idle_fraction_counts_gaps_between_chunks_per_engine() -> None:
+    def m(actor: str, start: float, end: float) -> dict[str, object]:
+        return {"engine": {"actor": actor}, "timings": {"engine_start": start, "engine_end": end}}
+
+    # engine a: chunks overlap 0-10 and 5-20, then a 10 s gap, then 30-40 -> busy 30 of 40
+    # engine b: back to back, never idle -> busy 20 of 20
+    markers = [m("a", 0, 10), m("a", 5, 20), m("a", 30, 40), m("b", 100, 110), m("b", 110, 120)]
+    busy = engine_busy(markers)
+    assert busy["engine_busy_seconds"] == pytest.approx(50)
+    assert busy["engine_idle_fraction"] == pytest.approx(10 / 60, abs=1e-4)
+    assert engine_busy([])["engine_idle_fraction"] == 0.0
