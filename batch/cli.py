@@ -6,6 +6,7 @@ Heavy modules (Ray, vLLM, torch) are imported inside the commands that need them
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -621,9 +622,10 @@ def _cluster_status(address: str, spec: JobSpec, run_id: str | None) -> dict[str
 def _describe_cluster_status(doc: dict[str, Any]) -> str:
     if not doc["state"]:
         return f"cluster: no run {doc['run_id']} on {doc['address']}"
+    n = doc["attempts"]
     return (
-        f"cluster: {doc['state']} {doc['submission_id']} (attempt {doc['attempts']} of run "
-        f"{doc['run_id']}) on {doc['address']}"
+        f"cluster: {doc['state']} {doc['submission_id']} (run {doc['run_id']}, {n} "
+        f"attempt{'s' if n != 1 else ''}) on {doc['address']}"
     )
 
 
@@ -685,8 +687,12 @@ def _follow_remote(
     from batch.progress import NullReporter, RichReporter
 
     if not verbose:
-        # Ray's job client logs each package upload at INFO; the user wants the job's lines.
-        logging.getLogger("ray").setLevel(logging.WARNING)
+        # Ray's job client logs each package upload at INFO (its modules set their own level
+        # on import, so import them first); the user wants the job's lines.
+        import ray.job_submission  # noqa: F401
+
+        for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
+            logging.getLogger(name).setLevel(logging.WARNING)
     try:
         run = cluster.submit_remote(
             address, job, overrides, run_id=run_id, wait=wait, verbose=verbose
@@ -710,8 +716,14 @@ def _follow_remote(
             address=address, run_id=run.run_id, submission_id=sid,
         )  # fmt: skip
     elif not quiet:
+        state = ""
+        if run.attached:
+            with contextlib.suppress(BatchInferError):
+                state = f", {cluster.remote_state(address, sid)}"
         verb = "attached to" if run.attached else "submitted"
-        typer.echo(f"{verb} {sid} (run {run.run_id}) on {address}", err=True)
+        typer.echo(f"{verb} {sid} (run {run.run_id}{state}) on {address}", err=True)
+    if run.attached:
+        _warn_other_output(address, sid, job, overrides)
     if detach:
         typer.echo(
             f"{sid}: running on {address}; follow it with the same command without --detach, "
@@ -734,10 +746,10 @@ def _follow_remote(
             typer.echo(line, err=True)
             return
         last_line = line
-        if isinstance(reporter, RichReporter):
+        if isinstance(reporter, RichReporter) and events.finished is None:
             reporter.message(line)  # above the live bar
         elif not quiet:
-            typer.echo(line)
+            typer.echo(line)  # after the run: its summary line
 
     events = cluster.RemoteEvents(reporter, echo)
 
@@ -781,6 +793,24 @@ def _follow_remote(
         message = (info.message or "").strip().splitlines()
         typer.echo(f"error: {sid} {info.status}: {message[0] if message else ''}", err=True)
     return code
+
+
+def _warn_other_output(address: str, sid: str, job: Path, overrides: list[str]) -> None:
+    """The run id leaves the output path out (like the fingerprint): say so when the run
+    found writes somewhere else than this submission would."""
+    from batch import cluster
+
+    try:
+        theirs = (cluster.job_info(address, sid).metadata or {}).get(cluster.OUTPUT_KEY)
+        ours = _load_job(job, overrides).output.path
+    except BatchInferError:
+        return
+    if theirs and theirs != ours:
+        typer.echo(
+            f"warning: run {sid} writes to {theirs}, not {ours}: the same job (same "
+            "fingerprint) was submitted with another output; give --run-id to run it separately",
+            err=True,
+        )
 
 
 _RAY_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ _]\d\d:\d\d:\d\d")

@@ -49,6 +49,7 @@ ACTIVE = ("PENDING", "RUNNING")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 RUN_ID_KEY = "batchinfer_run_id"  # job metadata: which run an attempt belongs to
 ATTEMPT_KEY = "batchinfer_attempt"
+OUTPUT_KEY = "batchinfer_output"
 MAX_RUN_ID = 47  # KubeRay: a RayJob name is at most 47 characters and a DNS-1035 label
 SPEC_FILE = "job.yaml"
 _ATTEMPT_ID = re.compile(r"^(?P<run>.+)-a(?P<n>\d+)$")
@@ -250,6 +251,7 @@ def submit_remote(
                 ATTEMPT_KEY: str(n),
                 "batchinfer_job": spec.name,
                 "batchinfer_fingerprint": spec.fingerprint(),
+                OUTPUT_KEY: spec.output.path,
             }
             try:
                 c.submit_job(
@@ -455,6 +457,7 @@ class RemoteEvents:
             self.reporter.message(str(doc.get("text", "")))
         elif event == "finished":
             self.finished = doc
+            self.reporter.finished(_summary(doc))
         elif "level" in doc and doc["level"] in ("warning", "error", "critical"):
             self.echo(f"{doc['level'].upper()} {doc.get('logger', '')}: {doc.get('message', '')}")
 
@@ -469,6 +472,24 @@ class RemoteEvents:
             "output_tokens": d["output_tokens"],
         }
         return stats, d["chunks"]
+
+
+def _summary(doc: Mapping[str, Any]) -> Any:
+    """The remote run's ``finished`` event as a RunSummary (for the local reporter)."""
+    from batch.runner import RunSummary
+
+    return RunSummary(
+        job=str(doc.get("job", "")),
+        output=str(doc.get("output", "")),
+        chunks=int(doc.get("chunks", 0)),
+        chunks_run=int(doc.get("chunks_run", 0)),
+        rows=int(doc.get("rows", 0)),
+        failed_rows=int(doc.get("failed_rows", 0)),
+        input_tokens=int(doc.get("input_tokens", 0)),
+        output_tokens=int(doc.get("output_tokens", 0)),
+        wall_seconds=float(doc.get("wall_seconds", 0.0)),
+        gpu_seconds=0.0,
+    )
 
 
 def _json_object(line: str) -> dict[str, Any] | None:

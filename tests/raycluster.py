@@ -158,6 +158,8 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
         **client_env,
         MARKER: marker,
         "RAY_USAGE_STATS_ENABLED": "0",
+        # SIGTERM ends the head at once (no Serve replicas to drain; 30 s by default).
+        "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_OFFLINE": "1",
         # As if the venv were activated: a job's entrypoint `python` is this interpreter.
@@ -219,8 +221,8 @@ def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
                 os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(10)
     # Workers, job drivers and engine processes of this head that outlived it.
-    deadline = time.monotonic() + 10
-    while (pids := marked_pids(marker)) and time.monotonic() < deadline:
+    deadline = time.monotonic() + 5
+    while marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.5)
     for pid in marked_pids(marker):
         with contextlib.suppress(ProcessLookupError, PermissionError):
@@ -228,4 +230,3 @@ def _stop(proc: subprocess.Popen[bytes], marker: str) -> None:
     deadline = time.monotonic() + 10
     while marked_pids(marker) and time.monotonic() < deadline:
         time.sleep(0.2)
-    del pids

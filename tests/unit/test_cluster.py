@@ -178,6 +178,7 @@ def test_remote_progress_lines_drive_the_local_reporter() -> None:
     assert "WARNING batch.runner: loud" in shown and not any("quiet" in s for s in shown)
     assert shown[-1] == "x: 23 rows, 1 failed, ... -> out/"
     assert events.finished is not None and events.finished["rows"] == 23
+    assert rec.calls[-1] == ("finished", None)
 
 
 def test_jobs_api_package_ships_the_resolved_spec_and_the_code(tmp_path: Path) -> None:
