@@ -319,8 +319,14 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
 
 
 @contextmanager
-def ray_session(address: str | None, *, verbose: bool = False) -> Iterator[None]:
-    """Connect to a cluster, or start a local Ray for this job and shut it down after."""
+def ray_session(
+    address: str | None, *, verbose: bool = False, hub_offline: bool = True
+) -> Iterator[None]:
+    """Connect to a cluster, or start a local Ray for this job and shut it down after.
+
+    ``hub_offline`` keeps workers from reaching for a model hub; it is off for a model named
+    by a hub id, which the engine actors must be able to download on each node.
+    """
     import ray
 
     if ray.is_initialized():
@@ -328,7 +334,7 @@ def ray_session(address: str | None, *, verbose: bool = False) -> Iterator[None]
         return
     env_vars = {
         "TOKENIZERS_PARALLELISM": "false",
-        "HF_HUB_OFFLINE": "1",
+        **({"HF_HUB_OFFLINE": "1"} if hub_offline else {}),
         "VLLM_CONFIGURE_LOGGING": "1" if verbose else "0",
         "PYTHONPATH": os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH")) if p),
     }
@@ -367,6 +373,12 @@ def _configure_ray_data(verbose: bool) -> None:
     ctx.print_on_execution_start = verbose
     ctx.verbose_stats_logs = False
     ctx.log_internal_stack_trace_to_stdout = False
+
+
+def _local_model(spec: JobSpec) -> bool:
+    """A bundled model or a local/mounted directory (not a hub id such as Qwen/Qwen3-8B)."""
+    path = spec.model.path
+    return spec.model.engine != "vllm" or path.startswith("builtin:") or os.path.isdir(path)
 
 
 def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
@@ -471,7 +483,7 @@ def _run_pending(
     engines: dict[str, dict[str, Any]] = {}
     if plan.pending:
         try:
-            with ray_session(address, verbose=verbose):
+            with ray_session(address, verbose=verbose, hub_offline=_local_model(spec)):
                 _configure_ray_data(verbose)
                 ds = build_dataset(spec, plan, model_path)
                 reporter.engines_starting(spec.resources.replicas, usd_per_hour)
