@@ -290,8 +290,9 @@ def status(
     ] = None,
     run_id: RunIdOption = None,
 ) -> None:
-    """Where a job stands: chunks done of total, rows, failed rows, tokens, elapsed, and
-    whether a run holds the output now. Reads the output; with --address, also asks the
+    """Where a job stands: chunks, rows, failures, tokens, elapsed, who holds it.
+
+    Reads the output alone, so it works from any machine; with --address, also asks the
     cluster about the job's run.
 
     Examples:
@@ -387,8 +388,9 @@ def ledger(
         ),
     ] = False,
 ) -> None:
-    """What a finished run cost, against the APIs people use instead (batch discounts
-    included). Prints a table and writes ledger.md and a chart ledger.png to the output.
+    """What a run cost, against list-price and batch API rates for the same tokens.
+
+    Prints a table and writes ledger.md and a chart ledger.png to the output.
 
     Examples:
 
@@ -456,8 +458,9 @@ def plan_cmd(
     ] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
-    """A dry run before any GPU starts: rows and chunks, estimated tokens, rows too long for
-    the context, and what the same tokens would cost through the APIs.
+    """A dry run before any GPU starts: rows, chunks, tokens and API cost estimates.
+
+    Also counts rows too long for the model's context.
 
     Examples:
 
@@ -639,8 +642,9 @@ def stop(
     storage_options: StorageOption = None,
     run_id: RunIdOption = None,
 ) -> None:
-    """Stop the job's run on a Ray cluster. Committed chunks are kept: submitting the same
-    job again starts a new attempt that resumes where this one stopped.
+    """Stop the job's run on a Ray cluster; committed chunks are kept.
+
+    Submitting the same job again starts a new attempt that resumes where this one stopped.
 
     Example:
 

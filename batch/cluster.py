@@ -22,6 +22,7 @@ HTTP header only; it is never written into a spec, a manifest, metadata or a log
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -85,12 +86,20 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.strip().lower()).strip("-")
 
 
+def run_digest(spec: JobSpec) -> str:
+    """12 hex digits over the spec's fingerprint and its output path: the same job written to
+    another output is another run."""
+    key = f"{spec.fingerprint()}|{spec.output.path.rstrip('/')}"
+    return hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
 def make_run_id(spec: JobSpec, *, tag: str | None = None) -> str:
-    """``<name>-<fp12>`` or ``<name>-<tag>-<fp12>``: the same job (and tag) always gets the
-    same id; any change to what determines the output rows gives a new one. The name is
-    normalised (lowercase, '-' for other characters) and shortened to fit 47 characters.
+    """``<name>-<digest>`` or ``<name>-<tag>-<digest>``: the same job (and tag) to the same
+    output always gets the same id; any change to what determines the output rows, or to
+    where they go, gives a new one. The name is normalised (lowercase, '-' for other
+    characters) and shortened to fit 47 characters.
     """
-    fp = spec.fingerprint()[:12]
+    fp = run_digest(spec)
     if tag is not None and not _slug(tag):
         raise ValueError(f"tag {tag!r}: use letters, digits and '-'")
     suffix = f"{_slug(tag)}-{fp}" if tag else fp

@@ -449,10 +449,21 @@ def main(argv: list[str] | None = None) -> int:
         default="all",
         help="run both stages (default) or one of them",
     )
+    parser.add_argument(
+        "--setup-only", action="store_true", help="only build (or reuse) the two tool venvs"
+    )
     parser.add_argument("--structure-worker", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.structure_worker:
         return structure_worker(args.structure_worker)
+    if args.setup_only:
+        try:
+            for tool in (HCL2, CHECKOV):
+                print(ensure_venv(tool))
+        except SetupError as e:
+            print(f"check_terraform: could not set up the tools: {e}", file=sys.stderr)
+            return 2
+        return 0
 
     tf_dir: Path = args.dir.resolve()
     if not tf_dir.is_dir():

@@ -25,3 +25,54 @@ def reviews(tmp_path: Path) -> Path:
 def write_job(path: Path, body: str) -> Path:
     path.write_text(textwrap.dedent(body))
     return path
+
+
+# --------------------------------------------------------------------------- test order
+# The Airflow and Terraform checks need tools in virtual environments of their own (built once
+# per machine, minutes on a fresh one). They run last, and their environments are built in the
+# background from the start of the session, while the unit and vLLM tests run.
+
+REPO = Path(__file__).resolve().parent.parent
+PREBUILDS = {
+    "test_airflow.py": ["scripts/airflow_venv.py"],
+    "infra": ["scripts/check_terraform.py", "--setup-only"],
+}
+
+
+_BUILDS: list[object] = []  # held for the session, so no 'still running' warning
+
+
+def _late(item: pytest.Item) -> int:
+    path = Path(str(item.fspath))
+    if path.name in ("test_cluster.py", "test_airflow.py") and "integration" in path.parts:
+        return 2  # together: they share the session's Ray head, started only for them
+    return 3 if "infra" in path.parts else (1 if "integration" in path.parts else 0)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    items.sort(key=_late)  # stable: file order is kept within each group
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    import subprocess
+    import sys
+
+    if os.environ.get("BATCHINFER_NO_PREBUILD"):
+        return
+    wanted = set()
+    for item in session.items:
+        path = Path(str(item.fspath))
+        for key in PREBUILDS:
+            if key in (path.name, *path.parts):
+                wanted.add(key)
+    home = Path(os.environ.get("BATCHINFER_HOME", "~/.cache/batchinfer")).expanduser()
+    home.mkdir(parents=True, exist_ok=True)
+    for key in sorted(wanted):
+        # Both scripts take a lock per environment, so the test that needs one waits for this
+        # build instead of starting a second one; a complete environment is reused at once.
+        log = (home / f"prebuild-{key.replace('.py', '')}.log").open("w")
+        _BUILDS.append(
+            subprocess.Popen(
+                [sys.executable, *PREBUILDS[key]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
+            )
+        )

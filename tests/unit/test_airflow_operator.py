@@ -130,7 +130,7 @@ def test_run_id_same_for_a_retry_new_for_another_day_or_spec(job: Path) -> None:
     day2 = {"input.path": "/in/dt=2026-01-02/", "output.path": "/out/dt=2026-01-02/"}
     spec1 = orchestration.load_job(job, day1)
     rid = orchestration.run_id_for(spec1, "20260101")
-    assert rid == f"enrich-reviews-20260101-{spec1.fingerprint()[:12]}"
+    assert rid == f"enrich-reviews-20260101-{cluster.run_digest(spec1)}"
     assert orchestration.run_id_for(orchestration.load_job(job, day1), "20260101") == rid
     assert orchestration.run_id_for(orchestration.load_job(job, day2), "20260102") != rid
     changed = orchestration.load_job(job, {**day1, "sampling.max_tokens": 9})
@@ -360,7 +360,7 @@ def test_remote_submits_under_the_run_id_then_defers_to_the_trigger(
     with pytest.raises(TaskDeferred) as deferred:
         op.execute(CONTEXT)
     spec: JobSpec = orchestration.load_job(job, op.overrides)
-    rid = f"enrich-reviews-20260101-{spec.fingerprint()[:12]}"
+    rid = f"enrich-reviews-20260101-{cluster.run_digest(spec)}"
     assert fake.submitted == [
         (ADDRESS, str(job), tuple(orchestration.overrides_list(op.overrides)),
          {"run_id": rid, "wait": True}),

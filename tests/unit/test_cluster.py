@@ -47,21 +47,22 @@ def batchinfer(*args: str, env: dict[str, str] | None = None) -> subprocess.Comp
 # --------------------------------------------------------------------------- run ids
 
 
-def test_run_id_is_the_name_and_fingerprint_and_stable() -> None:
+def test_run_id_is_the_name_and_a_digest_of_fingerprint_and_output_and_stable() -> None:
     s = spec()
     rid = cluster.make_run_id(s)
-    assert rid == f"enrich-reviews-v2-{s.fingerprint()[:12]}"
+    assert rid == f"enrich-reviews-v2-{cluster.run_digest(s)}"
     assert cluster.make_run_id(spec()) == rid, "the same job gets the same id"
-    # Where the output goes and how fast it runs do not change the rows: same run.
-    assert cluster.make_run_id(spec(("output.path=s3://other/", "resources.replicas=8"))) == rid
-    # What determines the rows does.
+    # How fast it runs does not change the rows: same run.
+    assert cluster.make_run_id(spec(("resources.replicas=8",))) == rid
+    # What determines the rows does, and so does where they go (another output, another run).
     assert cluster.make_run_id(spec(("sampling.max_tokens=7",))) != rid
+    assert cluster.make_run_id(spec(("output.path=s3://other/",))) != rid
 
 
 def test_run_id_with_a_tag_for_one_run_a_day() -> None:
     s = spec()
     rid = cluster.make_run_id(s, tag="2026-11-22")
-    assert rid == f"enrich-reviews-v2-2026-11-22-{s.fingerprint()[:12]}"
+    assert rid == f"enrich-reviews-v2-2026-11-22-{cluster.run_digest(s)}"
     assert cluster.make_run_id(s, tag="2026-11-23") != rid
 
 
@@ -69,7 +70,7 @@ def test_run_ids_fit_ray_and_kuberay_names() -> None:
     long = spec(("name=" + "Very_Long.Job-Name" * 5,))
     for rid in (cluster.make_run_id(long), cluster.make_run_id(long, tag="20261122T000000")):
         assert len(rid) <= cluster.MAX_RUN_ID and DNS_1035.match(rid), rid
-        assert rid.endswith(long.fingerprint()[:12]), "the fingerprint is never cut off"
+        assert rid.endswith(cluster.run_digest(long)), "the fingerprint is never cut off"
     assert cluster.make_run_id(spec(("name=2024_report",))).startswith("r-2024-report-")
 
 
