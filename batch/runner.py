@@ -375,6 +375,16 @@ def _configure_ray_data(verbose: bool) -> None:
     ctx.log_internal_stack_trace_to_stdout = False
 
 
+def chunks_in_flight(spec: JobSpec) -> int:
+    """Chunks each engine holds at once: ``resources.chunks_in_flight``, raised when needed
+    so that the engine's batch is full and one more chunk waits in its queue. Then a slot that
+    frees is refilled at once from requests already in the engine, not after a round trip
+    through Ray Data for the next chunk.
+    """
+    res = spec.resources
+    return max(res.chunks_in_flight, -(-res.batch_size // res.rows_per_chunk) + 1)
+
+
 def _local_model(spec: JobSpec) -> bool:
     """A bundled model or a local/mounted directory (not a hub id such as Qwen/Qwen3-8B)."""
     path = spec.model.path
@@ -401,8 +411,8 @@ def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
         fn_constructor_kwargs={"spec_json": spec_json, "model_path": model_path},
         compute=ray.data.ActorPoolStrategy(
             size=res.replicas,
-            max_tasks_in_flight_per_actor=res.chunks_in_flight,
-            max_concurrent_calls_per_actor=res.chunks_in_flight,
+            max_tasks_in_flight_per_actor=chunks_in_flight(spec),
+            max_concurrent_calls_per_actor=chunks_in_flight(spec),
         ),
         **engine_resources,
     )

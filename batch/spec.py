@@ -149,7 +149,8 @@ class ResourcesSpec(_Spec):
     chunks_in_flight: int = Field(
         default=4,
         ge=1,
-        description="Chunks an engine works on at once, so the engine never idles between chunks.",
+        description="Chunks an engine works on at once, so the engine never idles between chunks "
+        "(raised if needed to fill batch_size with one more chunk waiting).",
     )
     max_attempts: int = Field(
         default=3,

@@ -428,8 +428,17 @@ def figures(raw: dict[str, Any], spawned: float, exited: float, task: str) -> di
         return sum(k for _, k in rows) if task == "generate" else len(rows)
 
     phase = last - raw["first_request"]
+    # Where the wall time goes, the same cut for every system.
+    phases = {
+        "startup": raw["engine_created"] - spawned,  # imports, Ray start, planning, reading
+        "engine start": raw["engine_ready"] - raw["engine_created"],
+        "to first request": raw["first_request"] - raw["engine_ready"],
+        "engine phase": phase,  # first request at the engine -> last result
+        "after last result": exited - last,  # writing, ledger, shutdown
+    }
     return {
         "wall_s": round(exited - spawned, 2),
+        "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "engine_start_s": round(raw["engine_ready"] - raw["engine_created"], 2),
         "first_result_s": round(first - spawned, 2),
         "steady_per_s": round(amount(after) / span, 2) if span > 0 and after else None,
@@ -583,6 +592,13 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{f.get('engine_phase_vs_vllm', 1.0):.2f}x | {f.get('wall_vs_vllm', 1.0):.2f}x | "
                 f"{'' if idle is None else f'{idle:.1%}'} |"
             )
+        lines += ["", "Where the wall time goes (s):", ""]
+        phases = list(next(iter(per_system.values()))["phases_s"])
+        lines += ["| system | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
+        for system, f in per_system.items():
+            lines.append(
+                f"| {system} | " + " | ".join(f"{f['phases_s'][k]:.1f}" for k in phases) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -611,22 +627,27 @@ def chart(doc: dict[str, Any], path: Path) -> None:
         ax.set_xlim(0, max(steady) * 1.35)
         ax.invert_yaxis()
         ax = axes[row][1]
-        start = [per_system[n]["engine_start_s"] for n in names]
-        rest = [per_system[n]["wall_s"] - per_system[n]["engine_start_s"] for n in names]
-        ax.barh(names, start, color="#d9d9d9", label="engine start")
-        bars = ax.barh(names, rest, left=start, color=c, label="everything else")
-        for bar, n in zip(bars, names, strict=True):
+        left = [0.0] * len(names)
+        shades = ["#bdbdbd", "#d9d9d9", "#fdd0a2", None, "#c6dbef"]
+        for i, phase in enumerate(per_system[names[0]]["phases_s"]):
+            widths = [max(0.0, per_system[n]["phases_s"][phase]) for n in names]
+            colour = c if shades[i] is None else shades[i]
+            ax.barh(names, widths, left=left, color=colour, label=phase)
+            left = [a + b for a, b in zip(left, widths, strict=True)]
+        for y, n in enumerate(names):
             ratio = per_system[n].get("wall_vs_vllm", 1.0)
-            ax.text(bar.get_x() + bar.get_width(), bar.get_y() + bar.get_height() / 2,
-                    f" {per_system[n]['wall_s']:.0f} s ({ratio:.2f}x)", va="center")  # fmt: skip
+            ax.text(per_system[n]["wall_s"], y, f" {per_system[n]['wall_s']:.0f} s ({ratio:.2f}x)",
+                    va="center")  # fmt: skip
         ax.set_title(f"{task}: end-to-end wall time (s), lower is better")
         ax.set_xlim(0, max(per_system[n]["wall_s"] for n in names) * 1.35)
         ax.invert_yaxis()
         if row == 0:
-            ax.legend(loc="lower right", fontsize=8)
+            handles, labels = ax.get_legend_handles_labels()
+            fig.legend(handles, labels, loc="lower center", ncol=5, fontsize=8,
+                       title="wall time: (engine phase in the system's colour)")  # fmt: skip
     fig.suptitle(f"Same model, prompts and tokens; {doc['machine']['logical_cpus']} CPUs, "
                  f"device {doc['parameters']['device']}")  # fmt: skip
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=110)
     plt.close(fig)
 

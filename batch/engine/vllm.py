@@ -50,6 +50,7 @@ class VLLMEngine:
         try:
             import vllm
             from vllm.inputs import TokensPrompt
+            from vllm.sampling_params import RequestOutputKind
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError(
                 f"vLLM is not installed ({exc}); install the engine extra: "
@@ -87,6 +88,10 @@ class VLLMEngine:
                 repetition_penalty=s.repetition_penalty,
                 **s.extra_args,
             )
+            # Only the finished output is wanted, as in vLLM's own offline LLM class: no
+            # per-step RequestOutput for every running request (which costs the frontend CPU
+            # that the engine core shares on a small machine).
+            self._params.output_kind = RequestOutputKind.FINAL_ONLY
         else:
             self._params = vllm.PoolingParams(task="embed")
 
