@@ -41,7 +41,7 @@ integration: setup
 
 # pytest exits 5 when it collected no tests; make treats that (any non-zero) as a failure.
 test: lint
-	$(BIN)/python -m pytest -q -ra tests
+	$(BIN)/python -m pytest -q -ra --durations=25 tests
 
 clean:
 	rm -rf $(VENV) out demo-data

@@ -493,6 +493,7 @@ def run_system(
         result_file = work / f"raw-{system}-{task}.json"
         cmd = [sys.executable, __file__, "--one", system, "--task", task, "--data", data]
         cmd += ["--out", out, "--raw", str(result_file), "--bench", json.dumps(asdict(bench))]
+    warm_up(bench, task)
     spawned = time.time()
     with log.open("a") as f:
         f.write(f"\n===== {system} {task}: {' '.join(cmd[:4])} ...\n")
@@ -506,6 +507,30 @@ def run_system(
     else:
         raw = json.loads(result_file.read_text())
     return figures(raw, spawned, exited, task)
+
+
+def warm_up(bench: Bench, task: str) -> None:
+    """Bring the libraries and the model files into the page cache before each system, so
+    none pays for a cold disk the others don't (this machine's kernel reclaims idle pages)."""
+    import psutil
+
+    from batch.models import resolve_model
+
+    # The previous system's engine processes must be gone: each engine reserves a share of
+    # host memory, and two at once do not fit.
+    deadline = time.time() + 120
+    while time.time() < deadline and any(
+        p.info["name"] and p.info["name"].startswith("VLLM::")
+        for p in psutil.process_iter(["name"])
+    ):
+        time.sleep(1)
+    for path in Path(resolve_model(bench.model_for(task))).rglob("*"):
+        if path.is_file():
+            with path.open("rb") as f:
+                while f.read(1 << 24):
+                    pass
+    code = "import vllm, ray.data, ray.data.llm, pyarrow.parquet, batch.cli, batch.runner"
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, check=False)
 
 
 def asdict(bench: Bench) -> dict[str, Any]:
