@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch import checkpoint, commit, storage
+from batch import checkpoint, commit, cpus, storage
 from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
 from batch.errors import BatchInferError, TerminalError
@@ -196,7 +196,9 @@ class EngineStage:
     has used ``resources.max_attempts`` is given up and its rows go to ``_failed/``.
     """
 
-    def __init__(self, spec_json: str, model_path: str) -> None:
+    def __init__(
+        self, spec_json: str, model_path: str, session: cpus.Session | None = None
+    ) -> None:
         from batch.engine import build_engine
 
         self.created = time.time()
@@ -210,7 +212,9 @@ class EngineStage:
 
             # On a cluster each node prepares a bundled model itself (cached, idempotent).
             model_path = resolve_model(model_path)
-        self.engine = build_engine(self.spec, model_path)
+        with cpus.EngineCores(session) as cores:
+            self.engine = build_engine(self.spec, model_path)
+        self.cpus = cores.result  # {} unless the run's other processes were moved
         self.ready = time.time()
         self.gate = _Quarantine()
         log.info("engine %s ready in %.1fs", self.actor, self.ready - self.created)
@@ -224,6 +228,8 @@ class EngineStage:
             "ready": self.ready,
             "host": socket.gethostname(),
             "processes": [_me(), *self.engine.processes()],
+            "niceness": os.getpriority(os.PRIO_PROCESS, 0),
+            **({"cpus": self.cpus} if self.cpus else {}),
         }
         return {"chunk_id": row["chunk_id"], "work": pickle.dumps(work, protocol=5)}
 
@@ -321,16 +327,18 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
 @contextmanager
 def ray_session(
     address: str | None, *, verbose: bool = False, hub_offline: bool = True
-) -> Iterator[None]:
+) -> Iterator[cpus.Session | None]:
     """Connect to a cluster, or start a local Ray for this job and shut it down after.
 
-    ``hub_offline`` keeps workers from reaching for a model hub; it is off for a model named
-    by a hub id, which the engine actors must be able to download on each node.
+    Yields the local session's processes when this call started Ray on this machine (then
+    every Ray process is the run's, see :mod:`batch.cpus`), else None. ``hub_offline`` keeps
+    workers from reaching for a model hub; it is off for a model named by a hub id, which the
+    engine actors must be able to download on each node.
     """
     import ray
 
     if ray.is_initialized():
-        yield
+        yield None
         return
     env_vars = {
         "TOKENIZERS_PARALLELISM": "false",
@@ -350,13 +358,19 @@ def ray_session(
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
     if address:
         kwargs["address"] = address
-    else:
-        kwargs["include_dashboard"] = False
-    ray.init(**kwargs)
-    try:
-        yield
-    finally:
-        ray.shutdown()
+        ray.init(**kwargs)
+        try:
+            yield None
+        finally:
+            ray.shutdown()
+        return
+    kwargs["include_dashboard"] = False
+    with cpus.local_session() as session:
+        ray.init(**kwargs)
+        try:
+            yield session()
+        finally:
+            ray.shutdown()
 
 
 def _configure_ray_data(verbose: bool) -> None:
@@ -391,7 +405,11 @@ def _local_model(spec: JobSpec) -> bool:
     return spec.model.engine != "vllm" or path.startswith("builtin:") or os.path.isdir(path)
 
 
-def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
+def build_dataset(
+    spec: JobSpec, plan: planning.Plan, model_path: str, session: cpus.Session | None = None
+) -> Any:
+    """The chunk pipeline. With ``session`` (a local Ray this run started) and the CPU device,
+    engine actors keep the run's other processes off the engine's cores (batch.cpus)."""
     import ray.data
 
     spec_json = spec.model_dump_json()
@@ -403,12 +421,23 @@ def build_dataset(spec: JobSpec, plan: planning.Plan, model_path: str) -> Any:
     ds = ds.map(
         prepare_chunk, fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol}, num_cpus=0.25
     )
-    engine_resources: dict[str, Any] = {"num_cpus": res.cpus_per_replica}
+    engine_resources: dict[str, Any] = {
+        "num_cpus": res.cpus_per_replica,
+        # Ray starts worker processes at nice 15 so that its own daemons stay responsive; the
+        # engine (and the processes vLLM starts from it) would then yield to every daemon and
+        # to the driver whenever they share a core. The engine is the job: it runs at the
+        # niceness of the driver, while reads and commits stay niced.
+        "runtime_env": {"env_vars": {"RAY_worker_niceness": "0"}},
+    }
     if res.device == "gpu":
         engine_resources["num_gpus"] = res.gpus_per_replica
     ds = ds.map(
         EngineStage,
-        fn_constructor_kwargs={"spec_json": spec_json, "model_path": model_path},
+        fn_constructor_kwargs={
+            "spec_json": spec_json,
+            "model_path": model_path,
+            "session": session if res.device == "cpu" and res.isolate_engine_cpus else None,
+        },
         compute=ray.data.ActorPoolStrategy(
             size=res.replicas,
             max_tasks_in_flight_per_actor=chunks_in_flight(spec),
@@ -493,9 +522,9 @@ def _run_pending(
     engines: dict[str, dict[str, Any]] = {}
     if plan.pending:
         try:
-            with ray_session(address, verbose=verbose, hub_offline=_local_model(spec)):
+            with ray_session(address, verbose=verbose, hub_offline=_local_model(spec)) as session:
                 _configure_ray_data(verbose)
-                ds = build_dataset(spec, plan, model_path)
+                ds = build_dataset(spec, plan, model_path, session)
                 reporter.engines_starting(spec.resources.replicas, usd_per_hour)
                 try:
                     for row in ds.iter_rows():

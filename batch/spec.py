@@ -161,6 +161,11 @@ class ResourcesSpec(_Spec):
     cpus_per_replica: float = Field(
         default=1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
     )
+    isolate_engine_cpus: bool = Field(
+        default=True,
+        description="cpu with a local Ray: keep the run's other processes (Ray, reads, commits, "
+        "the driver) off the cores vLLM binds its CPU workers to, on the cores it leaves free.",
+    )
 
 
 class LedgerSpec(_Spec):
