@@ -123,10 +123,8 @@ def _short(value: Any) -> str:
 
 
 def read_job_record(fs: Any, root: str) -> dict[str, Any] | None:
-    path = storage.join(root, JOB_RECORD)
-    if not fs.exists(path):
-        return None
-    doc: dict[str, Any] = storage.read_json(fs, path)
+    """The output's job record, or None before a first run has written one."""
+    doc: dict[str, Any] | None = storage.read_json_or_none(fs, storage.join(root, JOB_RECORD))
     return doc
 
 

@@ -142,11 +142,16 @@ def live_failed_parts(markers: Iterable[dict[str, Any]]) -> set[str]:
 def clean_superseded(spec: JobSpec, markers: Iterable[dict[str, Any]]) -> int:
     """Finish retries cut short between their marker and removing the failed part."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    parts = [storage.join(root, m["supersedes"]) for m in markers if m.get("supersedes")]
+    # One listing per folder rather than a look per part: most were removed long ago, and on
+    # S3 every absent part would cost a refused HEAD and then a listing of its folder.
+    present: set[str] = set()
+    for folder in sorted({fs._parent(p) for p in parts}):
+        present.update(storage.list_files(fs, folder, ""))
     n = 0
-    for m in markers:
-        part = m.get("supersedes")
-        if part and fs.exists(storage.join(root, part)):
-            remove_quietly(fs, storage.join(root, part))
+    for path in parts:
+        if path in present:
+            remove_quietly(fs, path)
             n += 1
     return n
 
@@ -181,16 +186,12 @@ def write_json(spec: JobSpec, name: str, doc: dict[str, Any], *, create_only: bo
     path = storage.join(root, name)
     if create_only:
         return storage.create_only(fs, path, body)
-    fs.makedirs(root, exist_ok=True)
-    with fs.open(path, "wb") as fh:
-        fh.write(body)
+    storage.overwrite(fs, path, body)
     return True
 
 
 def read_output_json(spec: JobSpec, name: str) -> dict[str, Any] | None:
+    """The output's ``name`` (manifest, ledger), or None if the job has not written it yet."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    path = storage.join(root, name)
-    if not fs.exists(path):
-        return None
-    doc: dict[str, Any] = storage.read_json(fs, path)
+    doc: dict[str, Any] | None = storage.read_json_or_none(fs, storage.join(root, name))
     return doc

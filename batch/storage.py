@@ -8,6 +8,10 @@ chunk (a retried Ray task, a resumed job) then race safely: one creates the part
 - Local disk: temp file in the same directory, fsync, ``os.link`` (atomic, fails if taken).
 - S3 (s3fs): a conditional PUT (``If-None-Match: *``); a 412 means someone else won.
 - Anything else raises :class:`NotImplementedError` rather than silently overwriting.
+
+Whether an object is there is asked through :func:`exists` and :func:`read_json_or_none`, never
+``fs.exists``: on S3 a role that may list only some prefixes is answered 403, not 404, for a
+missing key (see the note above :func:`exists`).
 """
 
 from __future__ import annotations
@@ -319,6 +323,21 @@ def write_parquet_create_only(
     return create_only(fs, path, sink.getvalue().to_pybytes())
 
 
+# --------------------------------------------------------------------------- writes
+
+
+def overwrite(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
+    """Write ``data`` at ``path``, replacing what is there (the ledger, a rewritten manifest).
+
+    Only local disk needs the folder made first. On S3, ``makedirs`` probes the bucket
+    (HeadBucket, GetBucketLocation) and, when a role that may list only some prefixes is refused
+    those, tries CreateBucket, which fails with AccessDenied.
+    """
+    if isinstance(fs, LocalFileSystem):
+        fs.makedirs(fs._parent(path), exist_ok=True)
+    _retrying(lambda: fs.pipe_file(path, data))
+
+
 # --------------------------------------------------------------------------- reads
 
 
@@ -327,24 +346,144 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
     return json.loads(_retrying(lambda: fs.cat_file(path)))
 
 
+# S3 answers a HEAD or GET of a missing key with 404 only when the caller also holds
+# s3:ListBucket on the bucket; otherwise with 403, so that a caller who may not list cannot learn
+# what is absent (Amazon S3 API Reference, HeadObject and GetObject, "Permissions":
+# https://docs.aws.amazon.com/AmazonS3/latest/API/API_HeadObject.html and API_GetObject.html).
+# The Ray pods' role (infra/terraform/access.tf) may list only under the input and output
+# prefixes (an s3:prefix condition). A HEAD or GET carries no prefix, and AWS does not document
+# that such a grant counts (kopia/kopia#3072 reports a 404 with one), so expect either answer.
+# s3fs maps 403/AccessDenied to PermissionError (s3fs/errors.py), and S3FileSystem._info and
+# _exists catch only FileNotFoundError, so ``fs.exists`` raises for every absent ``_job.json``
+# or manifest: on every first run. The answer is in a listing of the parent folder, which that
+# role may do; a refused listing is a real permission problem, reported with what to grant.
+
+
+def exists(fs: fsspec.AbstractFileSystem, path: str) -> bool:
+    """True if something is at ``path``; a refused look is settled by listing its folder.
+
+    Also unlike fsspec's default ``exists``, which calls any error "missing" (a dropped
+    connection would make a finished job look new), other errors are retried, then raised.
+    """
+
+    def look() -> bool:
+        try:
+            fs.info(path)
+        except FileNotFoundError:
+            return False
+        return True
+
+    try:
+        return _retrying(look)
+    except PermissionError as refused:
+        return _listed(fs, path, refused)
+
+
+def read_json_or_none(fs: fsspec.AbstractFileSystem, path: str) -> Any | None:
+    """:func:`read_json`, or None if nothing is at ``path`` (the job record before a first run,
+    the manifest before the last chunk). A refused read of an object that is there raises."""
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return None
+    except PermissionError as refused:
+        if not _listed(fs, path, refused):
+            return None
+    # Listed, so it is there (perhaps written since the first read): read it once more.
+    try:
+        return read_json(fs, path)
+    except FileNotFoundError:
+        return None
+    except PermissionError as exc:
+        raise PermissionError(_read_refused(fs, path, exc)) from exc
+
+
+def _listed(fs: fsspec.AbstractFileSystem, path: str, refused: PermissionError) -> bool:
+    """Whether ``path`` is in a listing of its folder: the answer when reading it was refused."""
+    target = fs._strip_protocol(path).rstrip("/")
+    folder = fs._parent(target)
+
+    def ls() -> set[str]:
+        fs.invalidate_cache(folder)
+        try:
+            return {str(name).rstrip("/") for name in fs.ls(folder, detail=False)}
+        except FileNotFoundError:
+            return set()
+
+    try:
+        names = _retrying(ls)
+    except PermissionError as exc:
+        raise PermissionError(_list_refused(fs, folder, exc, wanted=path)) from exc
+    found = target in names
+    log.debug("reading %s was refused (%s); listed: %s", path, refused, found)
+    return found
+
+
+def _list_refused(
+    fs: fsspec.AbstractFileSystem, folder: str, exc: BaseException, *, wanted: str | None = None
+) -> str:
+    """What to tell a user whose credentials may not list ``folder``, and what to grant."""
+    where = fs.unstrip_protocol(folder).rstrip("/") + "/"
+    if wanted is None:
+        text = f"listing {where} was refused ({exc})."
+    else:
+        text = (
+            f"cannot tell whether {fs.unstrip_protocol(wanted)} exists: reading it was refused, "
+            f"and so was listing {where} ({exc})."
+        )
+    if not _is_s3(fs):
+        return f"{text} The credentials need permission to list {where}."
+    bucket, _, key = fs._strip_protocol(folder).partition("/")
+    prefix = key.strip("/") + "/" if key.strip("/") else ""
+    text += (
+        f" The credentials need s3:ListBucket on arn:aws:s3:::{bucket} for the prefix {prefix!r}"
+        f" (e.g. an s3:prefix condition {prefix.split('/')[0] + '/*'!r}, as"
+        " infra/terraform/access.tf grants for the input and output prefixes)."
+    )
+    if wanted is not None:
+        text += (
+            " S3 answers 403, not 404, for a missing key to a caller that may not list it, so"
+            " batchinfer lists the folder to decide."
+        )
+    return text
+
+
+def _read_refused(fs: fsspec.AbstractFileSystem, path: str, exc: BaseException) -> str:
+    url = fs.unstrip_protocol(path)
+    if not _is_s3(fs):
+        return f"{url} is there but reading it was refused ({exc}); grant read access to it."
+    return (
+        f"{url} is there but reading it was refused ({exc}). The credentials need s3:GetObject on"
+        f" arn:aws:s3:::{fs._strip_protocol(path)} (and kms:Decrypt on the bucket's key if it"
+        " is encrypted with SSE-KMS)."
+    )
+
+
 def list_files(
     fs: fsspec.AbstractFileSystem, root: str, suffix: str, *, recursive: bool = False
 ) -> list[str]:
     """Sorted paths of files under ``root`` ending in ``suffix``; [] if ``root`` is missing.
 
     Hidden names (".x") are skipped: they are create_only's temp files on local disk. The
-    cache is invalidated first so files other workers just wrote are seen.
+    cache is invalidated first so files other workers just wrote are seen. A refused listing
+    raises PermissionError naming what to grant: read as "nothing there", it would make a
+    resume redo every committed chunk. (One level is ``fs.ls``, not ``fs.find``, for that
+    reason: fsspec's walk drops folders it may not list.)
     """
 
     def find() -> list[str]:
         fs.invalidate_cache(root)
         try:
-            found = fs.find(root, maxdepth=None if recursive else 1, withdirs=False)
+            if recursive:
+                return list(fs.find(root, withdirs=False))
+            return [e["name"] for e in fs.ls(root, detail=True) if e["type"] != "directory"]
         except FileNotFoundError:
             return []
-        return list(found)
 
-    paths = _retrying(find)
+    try:
+        paths = _retrying(find)
+    except PermissionError as exc:
+        raise PermissionError(_list_refused(fs, root, exc)) from exc
     return sorted(
         p
         for p in paths
