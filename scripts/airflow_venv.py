@@ -20,60 +20,21 @@ Exit status: 0 ready, 2 it could not be built (pip's output on stderr).
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
-import os
-import shutil
-import subprocess
 import sys
 import time
 import tomllib
-from collections.abc import Iterator
 from pathlib import Path
+
+import toolvenv
 
 AIRFLOW_VERSION = "3.3.2"
 BASE_REQUIREMENTS = (f"apache-airflow=={AIRFLOW_VERSION}", "pytest>=8")
 REPO = Path(__file__).resolve().parent.parent
-PIP_TIMEOUT_S = 1800
-
-
-class SetupError(RuntimeError):
-    """The environment could not be built; the message carries the tail of pip's output."""
 
 
 def venv_path() -> Path:
-    home = Path(os.environ.get("BATCHINFER_HOME", "~/.cache/batchinfer")).expanduser()
-    return home / "venvs" / f"airflow-{AIRFLOW_VERSION}"
-
-
-def python_of(venv: Path) -> Path:
-    return venv / "bin" / "python"
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Two test runs must not build one environment at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
-def _run(cmd: list[str]) -> None:
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S, check=False)
-    if proc.returncode != 0:
-        raise SetupError(
-            f"{' '.join(cmd[:6])} ... failed ({proc.returncode}):\n"
-            f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-        )
-
-
-def _pip(venv: Path, *args: str) -> list[str]:
-    return [str(python_of(venv)), "-m", "pip", *args, "--quiet", "--no-input"]
+    return toolvenv.venvs_dir() / f"airflow-{AIRFLOW_VERSION}"
 
 
 def project_requirements() -> list[str]:
@@ -90,42 +51,35 @@ def ensure() -> Path:
     checkout costs a reinstall of batchinfer, not of Airflow.
     """
     venv = venv_path()
-    base_stamp = venv / ".batchinfer-base"
-    project_stamp = venv / ".batchinfer-project"
+    base_stamp, project_stamp = ".batchinfer-base", ".batchinfer-project"
     base = json.dumps(
         {"requirements": BASE_REQUIREMENTS, "python": [sys.base_prefix, sys.version.split()[0]]}
     )
     project = json.dumps({"repo": str(REPO), "requirements": project_requirements()})
-    with locked(venv.parent / f".{venv.name}.lock"):
-        fresh = not (
-            python_of(venv).exists() and base_stamp.is_file() and base_stamp.read_text() == base
-        )
+    with toolvenv.locked(venv):
+        fresh = not toolvenv.is_stamped(venv, base_stamp, base)
         if fresh:
             started = time.monotonic()
             print(f"building {venv} ({', '.join(BASE_REQUIREMENTS)}), once", file=sys.stderr)
-            shutil.rmtree(venv, ignore_errors=True)
-            try:
-                _run([sys.executable, "-m", "venv", str(venv)])
-                _run(_pip(venv, "install", *BASE_REQUIREMENTS))
-            except (SetupError, subprocess.TimeoutExpired):
-                shutil.rmtree(venv, ignore_errors=True)
-                raise
-            base_stamp.write_text(base)
+            toolvenv.create(venv, BASE_REQUIREMENTS)
+            toolvenv.write_stamp(venv, base_stamp, base)
             print(f"  Airflow installed in {time.monotonic() - started:.0f}s", file=sys.stderr)
-        if fresh or not project_stamp.is_file() or project_stamp.read_text() != project:
+        if fresh or not toolvenv.is_stamped(venv, project_stamp, project):
             started = time.monotonic()
-            project_stamp.unlink(missing_ok=True)
-            _run(_pip(venv, "install", "-e", str(REPO)))
-            _run([str(python_of(venv)), "-m", "pip", "check"])  # Airflow's pins and ours agree
-            project_stamp.write_text(project)
+            (venv / project_stamp).unlink(missing_ok=True)
+            toolvenv.run(toolvenv.pip(venv, "install", "-e", str(REPO)))
+            # Airflow's pins and ours agree.
+            toolvenv.run([str(toolvenv.python_of(venv)), "-m", "pip", "check"])
+            toolvenv.write_stamp(venv, project_stamp, project)
             print(f"  batchinfer installed in {time.monotonic() - started:.0f}s", file=sys.stderr)
-    return python_of(venv)
+    return toolvenv.python_of(venv)
 
 
 def main() -> int:
+    toolvenv.exit_on_sigterm()
     try:
         python = ensure()
-    except (SetupError, subprocess.TimeoutExpired) as exc:
+    except toolvenv.SetupError as exc:
         print(f"error: the Airflow environment could not be built: {exc}", file=sys.stderr)
         return 2
     print(python)

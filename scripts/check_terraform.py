@@ -23,12 +23,9 @@ reused once a stamp file says they are complete.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import json
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -36,6 +33,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+import toolvenv
+from toolvenv import SetupError, python_of
 
 HCL2_VERSION = "8.1.4"
 CHECKOV_VERSION = "3.3.30"
@@ -56,32 +56,12 @@ class Tool:
     requirement: str
 
     def venv(self) -> Path:
-        home = Path(os.environ.get("BATCHINFER_HOME", "~/.cache/batchinfer")).expanduser()
-        return home / "venvs" / f"{self.name}-{self.version}"
+        return toolvenv.venvs_dir() / f"{self.name}-{self.version}"
 
 
 HCL2 = Tool("hcl2", HCL2_VERSION, f"python-hcl2=={HCL2_VERSION}")
 CHECKOV = Tool("checkov", CHECKOV_VERSION, f"checkov=={CHECKOV_VERSION}")
-
-
-class SetupError(RuntimeError):
-    """A tool could not be installed; the message says what pip said."""
-
-
-def python_of(venv: Path) -> Path:
-    return venv / ("Scripts/python.exe" if os.name == "nt" else "bin/python")
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (two test runs must not build one venv at once)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
+STAMP = ".batchinfer-complete"
 
 
 def ensure_venv(tool: Tool) -> Path:
@@ -92,35 +72,13 @@ def ensure_venv(tool: Tool) -> Path:
     it is written last, so an interrupted build is redone.
     """
     venv = tool.venv()
-    stamp = venv / ".batchinfer-complete"
     expected = f"{tool.requirement}\n{sys.base_prefix}\n{sys.version.split()[0]}\n"
-    with locked(venv.parent / f".{venv.name}.lock"):
-        if stamp.is_file() and stamp.read_text() == expected and python_of(venv).exists():
+    with toolvenv.locked(venv):
+        if toolvenv.is_stamped(venv, STAMP, expected):
             return venv
         print(f"  building {venv} ({tool.requirement}), once", flush=True)
-        shutil.rmtree(venv, ignore_errors=True)
-        steps = [
-            [sys.executable, "-m", "venv", str(venv)],
-            [
-                str(python_of(venv)),
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--no-input",
-                tool.requirement,
-            ],
-        ]
-        for cmd in steps:
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
-            if proc.returncode != 0:
-                shutil.rmtree(venv, ignore_errors=True)
-                raise SetupError(
-                    f"{' '.join(cmd[:4])} ... failed ({proc.returncode}):\n"
-                    f"{proc.stdout[-3000:]}{proc.stderr[-3000:]}"
-                )
-        stamp.write_text(expected)
+        toolvenv.create(venv, [tool.requirement])
+        toolvenv.write_stamp(venv, STAMP, expected)
     return venv
 
 
@@ -456,6 +414,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.structure_worker:
         return structure_worker(args.structure_worker)
+    toolvenv.exit_on_sigterm()
     if args.setup_only:
         try:
             for tool in (HCL2, CHECKOV):

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
+import subprocess
+import sys
 import textwrap
 from pathlib import Path
+from typing import IO
 
 import pytest
 
@@ -39,7 +44,8 @@ PREBUILDS = {
 }
 
 
-_BUILDS: list[object] = []  # held for the session, so no 'still running' warning
+_BUILDS: list[tuple[subprocess.Popen[bytes], IO[str]]] = []  # (build, its log) this session
+_STOP_TIMEOUT_S = 30.0  # for a build to remove what it half-built after SIGTERM
 
 
 def _late(item: pytest.Item) -> int:
@@ -54,9 +60,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    import subprocess
-    import sys
-
     if os.environ.get("BATCHINFER_NO_PREBUILD"):
         return
     wanted = set()
@@ -70,9 +73,38 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     for key in sorted(wanted):
         # Both scripts take a lock per environment, so the test that needs one waits for this
         # build instead of starting a second one; a complete environment is reused at once.
+        # Each build is a process group of its own, so it can be ended with its pip (below).
         log = (home / f"prebuild-{key.replace('.py', '')}.log").open("w")
-        _BUILDS.append(
-            subprocess.Popen(
-                [sys.executable, *PREBUILDS[key]], cwd=REPO, stdout=log, stderr=subprocess.STDOUT
-            )
+        build = subprocess.Popen(
+            [sys.executable, *PREBUILDS[key]],
+            cwd=REPO,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
+        _BUILDS.append((build, log))
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """End the builds still running: the session is over (interrupted, stopped at a failure,
+    or the tests that wanted them deselected), and a build must not outlive it.
+
+    SIGTERM goes to the build's process group (the script and its pip); the script removes
+    what it half-built (scripts/toolvenv.py), and its stamp, written last, was never written,
+    so the next session builds from scratch. Whatever is left after a grace period gets
+    SIGKILL; an unstamped folder it leaves behind is removed by the next build.
+    """
+    for build, log in _BUILDS:
+        if build.poll() is None:
+            _signal_group(build.pid, signal.SIGTERM)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                build.wait(timeout=_STOP_TIMEOUT_S)
+            _signal_group(build.pid, signal.SIGKILL)  # the script, or a straggling pip
+            build.wait()
+        log.close()
+    _BUILDS.clear()
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, sig)
