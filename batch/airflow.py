@@ -6,22 +6,23 @@ in an environment of its own with ``pip install batchinfer`` (no engine extra): 
 runs on the Ray cluster, or in the environment named by ``batchinfer_bin``. See
 docs/airflow.md.
 
-Idempotence: a task's run id is the job's name, the DAG run's logical date and the spec's
-fingerprint (``enrich-reviews-20260101-3f2a9c...``), so a retry, a cleared task or a second
-DAG run for the same date finds the run already there: on a cluster it attaches to the Ray
-job (or, after a failed attempt, submits one that resumes from the output's markers); on the
-worker, ``batchinfer submit`` skips committed chunks and waits for a run that holds the
-output. Output is never duplicated either way: a chunk is committed exactly once.
+Idempotence: a task's run id is the job's name, the DAG run's logical date and a digest of
+the spec's fingerprint and output path (``enrich-reviews-20260101-3f2a9c...``), so a retry, a
+cleared task or a second DAG run for the same date finds the run already there: on a
+cluster it attaches to the Ray job (or, after a failed attempt, submits one that resumes
+from the output's markers); on the worker, ``batchinfer submit`` skips committed chunks and
+waits for a run that holds the output. Output is never duplicated either way: a chunk is
+committed exactly once.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import signal
 import subprocess
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from typing import Any, ClassVar
 
 from airflow.sdk import BaseOperator
@@ -29,17 +30,21 @@ from airflow.sdk.exceptions import AirflowException, AirflowFailException
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from batch import cluster, orchestration
-from batch.errors import BatchInferError, ConfigurationError, SpecError, TerminalError
+from batch.errors import BatchInferError, ConfigurationError, SpecError
 from batch.spec import JobSpec
 
 LOG_TAIL_LINES = 40  # of the remote job's log, shown when it failed
 STOP_GRACE_S = 60.0  # for a local run to release its engines after SIGINT
+# The trigger stops the job this long before Airflow's own timeout would abandon the wait.
+DEADLINE_MARGIN_S = 60.0
 
 
 class RayJobTrigger(BaseTrigger):
     """Polls a Ray job through the Jobs API until it is SUCCEEDED, FAILED or STOPPED, then
     fires one event ``{"state", "submission_id", "run_id", "address"}``; ``state`` is
-    ``ERROR`` (with ``message``) when the cluster could not be asked.
+    ``ERROR`` (with ``message``) when the cluster could not be asked, and ``TIMEOUT`` when
+    ``deadline`` (epoch seconds) passed first: then the trigger has stopped the job itself,
+    because Airflow calls no ``on_kill`` when a deferred task times out.
 
     Runs in the triggerer, which needs the cluster's token in its environment like the
     worker does (``RAY_AUTH_MODE=token`` and ``RAY_AUTH_TOKEN`` or ``RAY_AUTH_TOKEN_PATH``):
@@ -55,6 +60,7 @@ class RayJobTrigger(BaseTrigger):
         run_id: str,
         poll_interval: float = 10.0,
         max_poll_errors: int = 10,
+        deadline: float | None = None,
     ) -> None:
         super().__init__()
         self.address = address
@@ -62,6 +68,7 @@ class RayJobTrigger(BaseTrigger):
         self.run_id = run_id
         self.poll_interval = poll_interval
         self.max_poll_errors = max_poll_errors
+        self.deadline = deadline
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         return (
@@ -72,53 +79,31 @@ class RayJobTrigger(BaseTrigger):
                 "run_id": self.run_id,
                 "poll_interval": self.poll_interval,
                 "max_poll_errors": self.max_poll_errors,
+                "deadline": self.deadline,
             },
         )
 
-    def _event(self, state: str, **extra: Any) -> TriggerEvent:
-        payload = {
-            "state": state,
-            "submission_id": self.submission_id,
-            "run_id": self.run_id,
-            "address": self.address,
-            **extra,
-        }
-        return TriggerEvent(payload)
-
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        errors = 0
-        last = ""
-        while True:
-            try:
-                # The Jobs API client blocks; the triggerer's event loop must not.
-                state = await asyncio.to_thread(
-                    cluster.remote_state, self.address, self.submission_id
-                )
-                errors = 0
-            except BatchInferError as exc:
-                errors += 1
-                if isinstance(exc, TerminalError) or errors >= self.max_poll_errors:
-                    yield self._event("ERROR", message=str(exc))
-                    return
-                self.log.warning(
-                    "asking %s about %s failed (%d of %d): %s",
-                    self.address, self.submission_id, errors, self.max_poll_errors, exc,
-                )  # fmt: skip
-                await asyncio.sleep(self.poll_interval)
-                continue
-            if state != last:
-                self.log.info("%s (run %s): %s", self.submission_id, self.run_id, state)
-                last = state
-            if state in cluster.TERMINAL:
-                yield self._event(state)
-                return
-            await asyncio.sleep(self.poll_interval)
+        self.log.info("waiting for %s (run %s) on %s", self.submission_id, self.run_id,
+                      self.address)  # fmt: skip
+        result = await orchestration.watch_remote(
+            self.address, self.submission_id, poll_interval=self.poll_interval,
+            max_poll_errors=self.max_poll_errors, deadline=self.deadline, log=self.log,
+        )  # fmt: skip
+        yield TriggerEvent(
+            {
+                "submission_id": self.submission_id,
+                "run_id": self.run_id,
+                "address": self.address,
+                **result,
+            }
+        )
 
     async def on_kill(self) -> None:
         """The user killed the deferred task (mark failed, clear): stop the Ray job too.
-        Committed chunks are kept; the next try submits an attempt that resumes."""
-        stopped = await asyncio.to_thread(cluster.stop_remote, self.address, self.submission_id)
-        self.log.info("stop %s on %s: %s", self.submission_id, self.address, stopped)
+        Committed chunks are kept; the next try submits an attempt that resumes. Never
+        raises: a cluster that cannot be reached is logged, not an error of the kill."""
+        await orchestration.stop_quietly(self.address, self.submission_id, log=self.log)
 
 
 class BatchInferOperator(BaseOperator):
@@ -135,6 +120,7 @@ class BatchInferOperator(BaseOperator):
         (``20260101``, or ``20260101t063000`` off midnight). Templated.
     :param deferrable: With a cluster address, wait in the triggerer (needs one running)
         instead of holding a worker slot; ``False`` follows the job's log in the task.
+        Either way ``execution_timeout`` stops the Ray job when it runs out.
     :param poll_interval: Seconds between state polls of the Ray job.
     :param wait: When another run holds the output, wait for it (else the task fails).
     :param batchinfer_bin: The ``batchinfer`` executable for local runs: one installed with
@@ -272,11 +258,36 @@ class BatchInferOperator(BaseOperator):
                     submission_id=run.submission_id,
                     run_id=run.run_id,
                     poll_interval=self.poll_interval,
+                    deadline=self._deadline(context),
                 ),
                 method_name="execute_complete",
+                # Airflow's own timeout only ends the wait (and calls no on_kill); the
+                # trigger's deadline, a minute earlier, stops the job. This one is the backstop
+                # for a triggerer that is down.
                 timeout=self.execution_timeout,
             )
-        return self._finish_remote(spec, run, self._follow(run))
+        try:
+            state = self._follow(run)
+        except BaseException:
+            # Interrupted while following (execution_timeout raises inside execute, SIGTERM):
+            # do not leave the job running behind the task. Committed chunks are kept.
+            self.log.warning("stopping %s: the task ended while it runs", run.submission_id)
+            with contextlib.suppress(BatchInferError):
+                cluster.stop_remote(run.address, run.submission_id)
+            raise
+        return self._finish_remote(spec, run, state)
+
+    def _deadline(self, context: Any) -> float | None:
+        """When the trigger must stop the job: ``execution_timeout`` after the task started,
+        less a margin so it acts before Airflow's own timeout abandons the wait."""
+        if self.execution_timeout is None:
+            return None
+        ti = context.get("ti") if hasattr(context, "get") else None
+        started = getattr(ti, "start_date", None)
+        start = started.timestamp() if isinstance(started, datetime) else time.time()
+        budget = self.execution_timeout.total_seconds()
+        margin = min(DEADLINE_MARGIN_S + self.poll_interval, budget / 2)
+        return start + budget - margin
 
     def _follow(self, run: cluster.RemoteRun) -> str:
         """Not deferred: copy the job's log into the task log until it ends; its final state."""
@@ -302,10 +313,16 @@ class BatchInferOperator(BaseOperator):
         if state == "SUCCEEDED":
             self._log_tail(run, lines=3)  # the job's own summary line
             return self._result(spec)
-        if state == "ERROR":
+        if state == orchestration.ERROR:
             raise AirflowException(
                 f"could not follow {run.submission_id} on {run.address}: {message}; the job may "
                 "still be running: a retry attaches to it"
+            )
+        if state == orchestration.TIMEOUT:
+            raise AirflowException(
+                f"{run.submission_id} (run {run.run_id}) ran past execution_timeout "
+                f"({self.execution_timeout}): {message}; committed chunks are kept and a retry "
+                "resumes"
             )
         tail = self._log_tail(run, lines=LOG_TAIL_LINES, echo=False)
         raise AirflowException(

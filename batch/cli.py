@@ -64,8 +64,9 @@ RunIdOption = Annotated[
     str | None,
     typer.Option(
         "--run-id",
-        help="The run id on the cluster (letters, digits, '-'). Default: the job's name and "
-        "spec fingerprint, so the same job always finds its own run.",
+        help="The run id on the cluster (letters, digits, '-'). Default: the job's name and a "
+        "digest of its spec fingerprint and output path, so the same job to the same output "
+        "always finds its own run.",
     ),
 ]
 
@@ -127,8 +128,9 @@ def submit(
         bool,
         typer.Option(
             "--detach",
-            help="With an http:// address: return once the job is submitted (or found), and "
-            "leave it running if you press Ctrl-C later.",
+            help="With an http:// address: submit the job (or find it) and return at once, "
+            "leaving it running on the cluster; follow it later with the same command "
+            "without --detach.",
         ),
     ] = False,
 ) -> None:
@@ -138,10 +140,11 @@ def submit(
     every input row is in data/ or _failed/; the last line counts rows and failures.
 
     With --address http://HEAD:8265 the job runs on that Ray cluster (Ray Jobs API) under a
-    run id made of its name and spec fingerprint: submitting it again attaches to the job
-    already there instead of starting a second one, and progress and logs stream back here.
-    Ctrl-C asks whether to stop the remote job (without a terminal it stops it; --detach
-    leaves it running).
+    run id made of its name and a digest of its spec fingerprint and output path: submitting
+    it again attaches to the job already there instead of starting a second one, and
+    progress and logs stream back here (a dropped log stream is picked up again). Ctrl-C asks
+    whether to stop the remote job (without a terminal it stops it). --detach submits and
+    returns at once, leaving the job running.
 
     Examples:
 
@@ -309,6 +312,12 @@ def status(
     _configure_logging(False, False)
     if address and not is_jobs_api(address):
         _fail(f"--address {address}: give the Jobs API's http(s)://HEAD:8265 address", 2)
+    if run_id and not address:
+        _fail(
+            f"--run-id {run_id} names a run on a Ray cluster: add --address http://HEAD:8265 "
+            "(without both, status reads the output only)",
+            2,
+        )
     spec = _spec_or_exit(target, set_ or [], storage_options)
     doc = output_status(spec)
     if address:
@@ -668,6 +677,11 @@ def stop(
     typer.echo(f"{job.submission_id}: {state}; committed chunks are kept (submit again to resume)")
 
 
+RECONNECT_S = 5.0  # between attempts to pick up a dropped log stream
+SETTLE_S = 10.0  # a log stream that ended cleanly: how long the job may take to show it ended
+UNREACHABLE_S = 600.0  # give up following (the job keeps running) after this long without an answer
+
+
 def _follow_remote(
     address: str,
     job: Path,
@@ -755,6 +769,20 @@ def _follow_remote(
         elif not quiet:
             typer.echo(line)  # after the run: its summary line
 
+    def feed(line: str) -> None:
+        if json_lines and not quiet:
+            doc = cluster._json_object(line)
+            if doc is not None:  # the remote's JSON lines, as they are
+                typer.echo(line, err="level" in doc)
+                return
+        events.feed(line)
+
+    def notice(text: str) -> None:
+        if isinstance(reporter, RichReporter):
+            reporter.message(text)
+        else:
+            typer.echo(text, err=True)
+
     events = cluster.RemoteEvents(reporter, echo)
 
     def on_term(signum: int, frame: Any) -> None:
@@ -762,19 +790,12 @@ def _follow_remote(
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        for line in cluster.tail_logs(address, sid):
-            if json_lines and not quiet:
-                doc = cluster._json_object(line)
-                if doc is not None:  # the remote's JSON lines, as they are
-                    typer.echo(line, err="level" in doc)
-                    continue
-            events.feed(line)
-        cluster.wait_terminal(address, sid, timeout=60)
+        _follow_to_the_end(address, sid, feed, notice)
         info = cluster.job_info(address, sid)
     except KeyboardInterrupt:
         if isinstance(reporter, RichReporter):
             reporter.stop()
-        return _interrupted(address, sid, job, detach=detach, interactive=not json_lines)
+        return _interrupted(address, sid, job, interactive=not json_lines)
     except BatchInferError as exc:
         if isinstance(reporter, RichReporter):
             reporter.stop()
@@ -799,20 +820,100 @@ def _follow_remote(
     return code
 
 
+def _follow_to_the_end(
+    address: str, sid: str, feed: Callable[[str], None], notice: Callable[[str], None]
+) -> None:
+    """Feed the job's log lines, each once, until the job is SUCCEEDED, FAILED or STOPPED.
+
+    A log stream can end before the job does (a dashboard restart, a proxy's idle timeout, a
+    network blip). Then the stream is opened again; Ray replays it from the start, so the
+    lines already fed are skipped. Raises ClusterAuthError when the token is refused, and
+    ClusterError once the cluster has not answered for UNREACHABLE_S (the job may well still
+    be running: the same command attaches to it again).
+    """
+    import time
+
+    from batch import cluster
+
+    seen = 0  # lines fed so far; a new stream starts from the first line again
+    broken = False  # a stream ended early: the last lines may only be in the stored log
+    lost_since: float | None = None
+
+    def ask() -> str | None:
+        """The job's state, or None while the cluster does not answer."""
+        nonlocal lost_since
+        try:
+            state = cluster.remote_state(address, sid)
+        except cluster.ClusterAuthError:
+            raise
+        except BatchInferError as exc:
+            now = time.monotonic()
+            if lost_since is None:
+                lost_since = now
+                notice(
+                    f"warning: lost {address} ({exc}); {sid} may still be running, trying "
+                    f"again every {RECONNECT_S:.0f}s (Ctrl-C to stop following)"
+                )
+            elif now - lost_since >= UNREACHABLE_S:
+                raise cluster.ClusterError(
+                    f"{address} has not answered for {UNREACHABLE_S / 60:.0f} minutes ({exc}); "
+                    f"{sid} may still be running: run the same command to attach to it again"
+                ) from None
+            return None
+        lost_since = None
+        return state
+
+    while True:
+        shown, reason = 0, ""
+        try:
+            for line in cluster.tail_logs(address, sid):
+                shown += 1
+                if shown > seen:
+                    seen = shown
+                    feed(line)
+        except cluster.ClusterAuthError:
+            raise
+        except BatchInferError as exc:
+            reason, broken = str(exc), True
+        state = ask()
+        if not reason:  # a stream that ends with the job: its state may lag a moment behind
+            settle = time.monotonic() + SETTLE_S
+            while state not in (None, *cluster.TERMINAL) and time.monotonic() < settle:
+                time.sleep(0.5)
+                state = ask()
+        if state in cluster.TERMINAL:
+            if broken:
+                with contextlib.suppress(BatchInferError):
+                    lines = cluster.remote_logs(address, sid).split("\n")
+                    if lines and not lines[-1]:
+                        lines.pop()  # as the stream splits it: no empty last line
+                    for line in lines[seen:]:
+                        feed(line)
+            return
+        if state is not None and (shown or reason):
+            broken = True
+            notice(
+                f"warning: the log stream of {sid} dropped ({reason or 'it ended'}) while the "
+                f"job is {state}; reconnecting in {RECONNECT_S:.0f}s"
+            )
+        time.sleep(RECONNECT_S)
+
+
 def _warn_other_output(address: str, sid: str, job: Path, overrides: list[str]) -> None:
-    """The run id leaves the output path out (like the fingerprint): say so when the run
-    found writes somewhere else than this submission would."""
+    """A run id normally covers the output path, but one given with --run-id can name a run
+    of the same job to another output: say so when the run found writes somewhere else than
+    this submission would."""
     from batch import cluster
 
     try:
         theirs = (cluster.job_info(address, sid).metadata or {}).get(cluster.OUTPUT_KEY)
-        ours = _load_job(job, overrides).output.path
+        ours = cluster.resolved_path(_load_job(job, overrides).output.path)
     except BatchInferError:
         return
-    if theirs and theirs != ours:
+    if theirs and theirs.rstrip("/") != ours.rstrip("/"):
         typer.echo(
-            f"warning: run {sid} writes to {theirs}, not {ours}: the same job (same "
-            "fingerprint) was submitted with another output; give --run-id to run it separately",
+            f"warning: run {sid} writes to {theirs}, not {ours}: that run id already names a "
+            "run to another output; give another --run-id to run this one separately",
             err=True,
         )
 
@@ -821,17 +922,16 @@ _RAY_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ _]\d\d:\d\d:\d\d")
 _RAY_NOISE = ("Running entrypoint for job", "[")
 
 
-def _interrupted(address: str, sid: str, job: Path, *, detach: bool, interactive: bool) -> int:
+def _interrupted(address: str, sid: str, job: Path, *, interactive: bool) -> int:
     """Ctrl-C (or SIGTERM) while following a remote job: stop it, or leave it running.
 
-    On a terminal, ask (default: leave it running). Without one (a script, Airflow), stop it
-    unless --detach: the same as Ctrl-C on a local run, which ends the job.
+    On a terminal, ask (default: leave it running). Without one (a script, Airflow), stop
+    it: the same as Ctrl-C on a local run, which ends the job. (To leave a job running from
+    a script, submit it with --detach, which returns at once.)
     """
     from batch import cluster
 
-    if detach:
-        stop = False
-    elif interactive and sys.stdin.isatty():
+    if interactive and sys.stdin.isatty():
         try:
             stop = typer.confirm(f"\nStop the remote job {sid}?", default=False)
         except (KeyboardInterrupt, typer.Abort):
@@ -865,16 +965,29 @@ def _json_event(event: str, **fields: Any) -> None:
     typer.echo(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}))
 
 
+RENDER_KINDS = ("kuberay", "raycluster")
+
+
 @app.command("render")
 def render(
-    kind: Annotated[str, typer.Argument(help="What to render: kuberay (a RayJob manifest).")],
-    job: Annotated[Path, typer.Argument(help="The job file.")],
+    kind: Annotated[
+        str,
+        typer.Argument(
+            help="What to render: kuberay (a RayJob: a cluster for this one run) or raycluster "
+            "(a standing RayCluster for submit --address and Airflow, GPUs scaled to zero)."
+        ),
+    ],
+    job: Annotated[
+        Path,
+        typer.Argument(help="The job file (for raycluster: the job whose pods it sizes)."),
+    ],
     set_: SetOption = None,
     image: Annotated[
         str | None,
         typer.Option(
             help="Container image with batchinfer and its engine installed (the head's and "
-            "workers'). Default: batchinfer:<version>."
+            "workers'), e.g. the repository's Dockerfile pushed to the ECR repository "
+            "infra/terraform creates. Default: batchinfer:<version> (which no registry has)."
         ),
     ] = None,
     namespace: Annotated[
@@ -889,23 +1002,48 @@ def render(
         ),
     ] = "batchinfer-ray",
     ttl: Annotated[
-        int, typer.Option(help="Seconds the finished cluster stays up (to read its logs).")
+        int,
+        typer.Option(help="kuberay: seconds the finished cluster stays up (to read its logs)."),
     ] = 600,
     worker_memory: Annotated[
         str | None,
-        typer.Option("--worker-memory", help="Memory per worker pod. Default: 48Gi GPU, 8Gi CPU."),
+        typer.Option(
+            "--worker-memory", help="Memory per worker pod. Default: 12Gi per GPU, 8Gi on CPU."
+        ),
     ] = None,
     run_id: RunIdOption = None,
+    name: Annotated[
+        str,
+        typer.Option(
+            help="raycluster: its name; the Jobs API is then http://<name>-head-svc.<namespace>"
+            ".svc:8265 inside Kubernetes, and its token is in the Secret <name>."
+        ),
+    ] = "batchinfer",
+    max_workers: Annotated[
+        int | None,
+        typer.Option(
+            "--max-workers",
+            help="raycluster: most worker pods the autoscaler may start. Default: the pods "
+            "this job needs (resources.replicas).",
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("--output", "-o", help="Write here instead of stdout.")
     ] = None,
 ) -> None:
-    """Render the job as a KubeRay RayJob manifest, ready for kubectl apply.
+    """Render a KubeRay manifest for the job, ready for kubectl apply.
 
-    The RayJob is named by the run id and carries the spec (credentials removed: the pods
+    kuberay: a RayJob named by the run id, carrying the spec (credentials removed: the pods
     get access from the service account). KubeRay starts a cluster for it, a head that
     takes no work and a worker group sized from resources (GPU pods with the nvidia.com/gpu
     toleration, or CPU pods), runs the job and deletes the cluster --ttl seconds after.
+
+    raycluster: a standing RayCluster with the same head and worker pods, its worker group
+    scaled between 0 and --max-workers by Ray's autoscaler, so GPU nodes exist only while a
+    job runs; submit jobs to it with --address (or from Airflow).
+
+    Both turn on Ray's token authentication (KubeRay makes the token and keeps it in a
+    Secret; no token is ever in the manifest).
 
     Examples:
 
@@ -913,51 +1051,77 @@ def render(
           --set input.path=s3://bucket/in/ --set output.path=s3://bucket/out/ -o rayjob.yaml
 
       kubectl apply -f rayjob.yaml && kubectl -n batchinfer get rayjobs -w
+
+      batchinfer render raycluster jobs/enrich.yaml --set resources.device=gpu \\
+          --image 123456789012.dkr.ecr.us-west-2.amazonaws.com/batchinfer:0.1.0 -o raycluster.yaml
     """
     from batch import cluster
     from batch.spec import load_spec
 
     _configure_logging(False, False)
-    if kind != "kuberay":
-        _fail(f"render {kind}: only kuberay can be rendered (a RayJob manifest)", 2)
+    if kind not in RENDER_KINDS:
+        _fail(f"render {kind}: give kuberay (a RayJob) or raycluster (a standing RayCluster)", 2)
+    if kind == "raycluster" and run_id:
+        _fail("--run-id: a RayCluster is not one run; give --name to name the cluster", 2)
     try:
         spec = load_spec(job, set_ or [])
-        manifest = cluster.render_kuberay(
-            spec, run_id=run_id, image=image, namespace=namespace,
-            service_account=service_account, ttl_seconds=ttl, worker_memory=worker_memory,
-        )  # fmt: skip
+        if kind == "raycluster":
+            manifest = cluster.render_raycluster(
+                spec, name=name, image=image, namespace=namespace,
+                service_account=service_account, worker_memory=worker_memory,
+                max_workers=max_workers,
+            )  # fmt: skip
+        else:
+            manifest = cluster.render_kuberay(
+                spec, run_id=run_id, image=image, namespace=namespace,
+                service_account=service_account, ttl_seconds=ttl, worker_memory=worker_memory,
+            )  # fmt: skip
     except SpecError as exc:
         _fail(str(exc), 2)
         return
     except ValueError as exc:
-        _fail(f"--run-id: {exc}", 2)
+        _fail(f"--{'name' if kind == 'raycluster' else 'run-id'}: {exc}", 2)
         return
-    for part in ("input", "output"):
-        path = getattr(spec, part).path
-        if "://" not in path or path.startswith("file://"):
-            typer.echo(
-                f"warning: {part}.path {path} is a local path; the cluster's pods will not see "
-                "it (use s3://...)",
-                err=True,
-            )
-    for part in ("input", "output"):
-        options = getattr(spec, part).storage_options
-        if cluster.without_secrets(options) != options:
-            typer.echo(
-                f"note: {part}.storage_options: credentials left out of the manifest; the pods "
-                f"use the service account {service_account}'s role",
-                err=True,
-            )
+    if image is None:
+        typer.echo(
+            f"note: no --image: the pods would pull {cluster.default_image()}, which no "
+            "registry has; build the Dockerfile, push it (infra/terraform/README.md) and pass "
+            "--image REGISTRY/batchinfer:TAG",
+            err=True,
+        )
+    if kind == "kuberay":
+        for part in ("input", "output"):
+            path = getattr(spec, part).path
+            if "://" not in path or path.startswith("file://"):
+                typer.echo(
+                    f"warning: {part}.path {path} is a local path; the cluster's pods will "
+                    "not see it (use s3://...)",
+                    err=True,
+                )
+        for part in ("input", "output"):
+            options = getattr(spec, part).storage_options
+            if cluster.without_secrets(options) != options:
+                typer.echo(
+                    f"note: {part}.storage_options: credentials left out of the manifest; the "
+                    f"pods use the service account {service_account}'s role",
+                    err=True,
+                )
     text = cluster.manifest_yaml(manifest)
     if output:
         output.write_text(text)
-        typer.echo(
-            f"wrote {output}: RayJob {manifest['metadata']['name']} in namespace {namespace}; "
-            f"kubectl apply -f {output}",
-            err=True,
-        )
+        what = f"{manifest['kind']} {manifest['metadata']['name']} in namespace {namespace}"
+        typer.echo(f"wrote {output}: {what}; kubectl apply -f {output}", err=True)
     else:
         typer.echo(text, nl=False)
+    if kind == "raycluster":
+        rc = manifest["metadata"]["name"]
+        typer.echo(
+            f"Jobs API: {cluster.head_service(rc, namespace)} inside Kubernetes, or "
+            f"`kubectl -n {namespace} port-forward svc/{rc}-head-svc 8265:8265` for "
+            f"http://127.0.0.1:8265; its token: `{cluster.token_command(rc, namespace)}` "
+            "(then RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)",
+            err=True,
+        )
 
 
 def main() -> None:

@@ -1,12 +1,13 @@
-"""Running a job on an existing Ray cluster through the Ray Jobs API, and as a KubeRay RayJob.
+"""Running a job on an existing Ray cluster through the Ray Jobs API, and on KubeRay: as a
+RayJob with a cluster of its own, or on a standing RayCluster that scales its GPUs to zero.
 
-A job is submitted under a deterministic **run id** (the job's name and its spec fingerprint,
-optionally a tag such as an Airflow logical date), which is also the Ray submission id of the
-first attempt. Submitting the same job again therefore finds the job already there and
-attaches to it instead of starting a second one: idempotent submission is what makes an
-orchestrator's retries safe. Only when the previous attempt ended without success (FAILED,
-STOPPED) is a new attempt submitted, as ``<run id>-a<n>``; it resumes from the output's
-markers like any rerun, so no row is computed twice.
+A job is submitted under a deterministic **run id** (the job's name and a digest of its spec
+fingerprint and output path, optionally with a tag such as an Airflow logical date), which is
+also the Ray submission id of the first attempt. Submitting the same job again therefore
+finds the job already there and attaches to it instead of starting a second one: idempotent
+submission is what makes an orchestrator's retries safe. Only when the previous attempt
+ended without success (FAILED, STOPPED) is a new attempt submitted, as ``<run id>-a<n>``; it
+resumes from the output's markers like any rerun, so no row is computed twice.
 
 The job runs on the cluster as ``python -m batch.cli submit job.yaml --address auto``: the
 resolved spec (overrides applied) travels in the job's working directory and this package's
@@ -22,6 +23,8 @@ HTTP header only; it is never written into a spec, a manifest, metadata or a log
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import hashlib
 import json
 import logging
@@ -86,10 +89,21 @@ def _slug(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.strip().lower()).strip("-")
 
 
+def resolved_path(path: str) -> str:
+    """A local path made absolute (a trailing '/' kept), a URL (``s3://...``) as it is.
+
+    The run id, the run's metadata and the spec shipped to the cluster all name the output
+    this way: ``out`` typed in two folders is two outputs, and so two runs.
+    """
+    if "://" in path or os.path.isabs(path):
+        return path
+    return os.path.abspath(path) + ("/" if path.endswith("/") else "")
+
+
 def run_digest(spec: JobSpec) -> str:
-    """12 hex digits over the spec's fingerprint and its output path: the same job written to
-    another output is another run."""
-    key = f"{spec.fingerprint()}|{spec.output.path.rstrip('/')}"
+    """12 hex digits over the spec's fingerprint and its (resolved) output path: the same job
+    written to another output is another run."""
+    key = f"{spec.fingerprint()}|{resolved_path(spec.output.path).rstrip('/')}"
     return hashlib.sha256(key.encode()).hexdigest()[:12]
 
 
@@ -158,20 +172,33 @@ def auth_headers() -> dict[str, str]:
 
 
 def client(address: str) -> Any:
-    """A ``JobSubmissionClient`` for an ``http(s)://`` address, with the token if configured."""
+    """A ``JobSubmissionClient`` for an ``http(s)://`` address, with the token if configured.
+
+    One per address (and token) in a process: building one costs two HTTP round trips (Ray
+    checks the cluster's version), and the state is polled every few seconds.
+    """
     if not is_jobs_api(address):
         raise ConfigurationError(
             f"--address {address}: the Jobs API needs the dashboard's http(s):// address, "
             "e.g. http://HEAD:8265"
         )
+    return _client(address, tuple(sorted(auth_headers().items())))
+
+
+@functools.lru_cache(maxsize=8)
+def _client(address: str, headers: tuple[tuple[str, str], ...]) -> Any:
+    # A failed construction raises and so is not cached: the next call tries again.
     from ray.job_submission import JobSubmissionClient
 
     try:
-        return JobSubmissionClient(address, headers=auth_headers())
-    except ClusterAuthError:
-        raise
+        return JobSubmissionClient(address, headers=dict(headers))
     except Exception as exc:
         raise _cluster_error(address, exc) from None
+
+
+def forget_clients() -> None:
+    """Drop the cached Jobs API clients (tests; a process that changed its token)."""
+    _client.cache_clear()
 
 
 def _cluster_error(address: str, exc: BaseException) -> ClusterError | ClusterAuthError:
@@ -197,14 +224,23 @@ def _call(address: str, fn: Callable[[], Any]) -> Any:
 
 
 def attempts(address: str, run_id: str, *, jobs_client: Any = None) -> list[Any]:
-    """The Ray jobs (``JobDetails``) that are attempts of ``run_id``, oldest first."""
+    """The Ray jobs (``JobDetails``) that are attempts of ``run_id``, oldest first.
+
+    A job whose metadata names its run belongs to that run only, whatever its submission id
+    looks like (``x-a2`` may be attempt 2 of ``x``, or a run named so with ``--run-id``); the
+    submission id decides only for jobs without that metadata (submitted by other tools).
+    """
     c = jobs_client or client(address)
     found = []
     for job in _call(address, c.list_jobs):
         sid = job.submission_id or ""
-        meta = job.metadata or {}
+        owner = (job.metadata or {}).get(RUN_ID_KEY)
+        if owner is not None:
+            if owner == run_id:
+                found.append(job)
+            continue
         m = _ATTEMPT_ID.match(sid)
-        if meta.get(RUN_ID_KEY) == run_id or sid == run_id or (m and m["run"] == run_id):
+        if sid == run_id or (m and m["run"] == run_id):
             found.append(job)
     return sorted(found, key=_attempt_number)
 
@@ -260,7 +296,7 @@ def submit_remote(
                 ATTEMPT_KEY: str(n),
                 "batchinfer_job": spec.name,
                 "batchinfer_fingerprint": spec.fingerprint(),
-                OUTPUT_KEY: spec.output.path,
+                OUTPUT_KEY: resolved_path(spec.output.path),
             }
             try:
                 c.submit_job(
@@ -348,6 +384,9 @@ def tail_logs(address: str, submission_id: str) -> Iterator[str]:
         except BaseException as exc:  # reported to the caller's thread
             lines.put(exc)
         finally:
+            with contextlib.suppress(BaseException):
+                loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()  # on its own thread, once nothing runs on it any more
             lines.put(None)
 
     thread = threading.Thread(target=run, name=f"logs-{submission_id}", daemon=True)
@@ -367,8 +406,10 @@ def tail_logs(address: str, submission_id: str) -> Iterator[str]:
             yield item
     finally:
         if thread.is_alive():
-            for task in asyncio.all_tasks(loop):
-                loop.call_soon_threadsafe(task.cancel)
+            # The loop may close between the check and the call: then there is nothing to stop.
+            with contextlib.suppress(RuntimeError):
+                for task in asyncio.all_tasks(loop):
+                    loop.call_soon_threadsafe(task.cancel)
             thread.join(5)
 
 
@@ -380,10 +421,7 @@ def shipped_spec(spec: JobSpec) -> dict[str, Any]:
     cluster's working directory is not the caller's; the cluster must see the same files)."""
     doc = spec.model_dump(mode="json")
     for part in ("input", "output"):
-        path = str(doc[part]["path"])
-        if "://" not in path and not os.path.isabs(path):
-            absolute = os.path.abspath(path) + ("/" if path.endswith("/") else "")
-            doc[part]["path"] = absolute
+        doc[part]["path"] = resolved_path(str(doc[part]["path"]))
     return doc
 
 
@@ -517,6 +555,8 @@ def _json_object(line: str) -> dict[str, Any] | None:
 KUBERAY_NAMESPACE = "batchinfer"  # what infra/terraform creates
 KUBERAY_SERVICE_ACCOUNT = "batchinfer-ray"  # the only identity that can reach the bucket
 KUBERAY_TTL_SECONDS = 600
+KUBERAY_CLUSTER_NAME = "batchinfer"  # the standing RayCluster (infra/terraform's ray_cluster_name)
+KUBERAY_IDLE_TIMEOUT_SECONDS = 120  # an idle GPU worker pod goes this long after its last task
 GPU_RESOURCE = "nvidia.com/gpu"
 NODE_ROLE = "batchinfer.io/node-role"  # the Karpenter pools' label: ray-cpu, ray-gpu
 SPEC_ENV = "BATCHINFER_SPEC"
@@ -543,45 +583,19 @@ def without_secrets(options: Any) -> Any:
     return options
 
 
-def render_kuberay(
+def _pod_groups(
     spec: JobSpec,
     *,
-    run_id: str | None = None,
-    image: str | None = None,
-    namespace: str = KUBERAY_NAMESPACE,
-    service_account: str = KUBERAY_SERVICE_ACCOUNT,
-    ttl_seconds: int = KUBERAY_TTL_SECONDS,
-    worker_memory: str | None = None,
-) -> dict[str, Any]:
-    """A KubeRay ``RayJob`` (ray.io/v1) that runs this job on a cluster of its own.
-
-    KubeRay creates a RayCluster (a head that takes no work, and one worker group sized from
-    ``resources``: GPU pods with the ``nvidia.com/gpu`` toleration, or CPU pods), submits the
-    entrypoint under the run id, and deletes the cluster ``ttl_seconds`` after the job ends.
-    The spec travels inside the manifest (``runtimeEnvYAML``), credentials removed; the
-    image must contain batchinfer with its engine (``pip install batchinfer[gpu]``).
-    """
-    rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
+    image: str,
+    service_account: str,
+    worker_memory: str | None,
+    labels: Mapping[str, str],
+) -> tuple[dict[str, Any], dict[str, Any], int]:
+    """(head group, worker group, worker pods the job needs): what a RayJob's cluster and a
+    standing RayCluster share, so both put the same pods on the same nodes."""
     res = spec.resources
     gpu = res.device == "gpu"
-    doc = spec.model_dump(mode="json")
-    for part in ("input", "output"):
-        doc[part]["storage_options"] = without_secrets(doc[part]["storage_options"])
-    # The spec as YAML text in an environment variable, read by `submit env:NAME`: readable in
-    # the manifest, and no file system shared with whoever rendered it is needed.
-    runtime_env = {"env_vars": {SPEC_ENV: _yaml(doc), "PYTHONUNBUFFERED": "1"}}
-    # No shell syntax: KubeRay's submitter passes the entrypoint through a shell of its own.
-    # --wait: a retry on a new cluster waits out the lease of a driver that died with the old
-    # one (a minute) instead of exiting 3; the output's markers make the retry a resume.
-    entrypoint = f"python -m batch.cli submit env:{SPEC_ENV} --address auto --wait"
-    labels = {
-        "app.kubernetes.io/name": "batchinfer",
-        "app.kubernetes.io/managed-by": "batchinfer",
-        "batchinfer.io/run-id": rid,
-    }
     pod_annotations = {"karpenter.sh/do-not-disrupt": "true"}  # no consolidation mid-job
-    image = image or default_image()
-
     if gpu:
         per_pod_gpus = max(1, math.ceil(res.gpus_per_replica))
         replicas_per_pod = max(1, int(per_pod_gpus // res.gpus_per_replica))
@@ -630,6 +644,71 @@ def render_kuberay(
             }
         ],
     }
+    head = {
+        # No tasks and no GPUs on the head: it runs the driver and Ray's services.
+        "rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
+        "template": {
+            "metadata": {"labels": dict(labels), "annotations": dict(pod_annotations)},
+            "spec": head_pod,
+        },
+    }
+    worker = {
+        "groupName": "gpu" if gpu else "cpu",
+        "replicas": pods,
+        "minReplicas": pods,
+        "maxReplicas": pods,
+        "rayStartParams": {},
+        "template": {
+            "metadata": {"labels": dict(labels), "annotations": dict(pod_annotations)},
+            "spec": worker_pod,
+        },
+    }
+    return head, worker, pods
+
+
+def _labels(**extra: str) -> dict[str, str]:
+    return {
+        "app.kubernetes.io/name": "batchinfer",
+        "app.kubernetes.io/managed-by": "batchinfer",
+    } | {f"batchinfer.io/{k.replace('_', '-')}": v for k, v in extra.items()}
+
+
+def render_kuberay(
+    spec: JobSpec,
+    *,
+    run_id: str | None = None,
+    image: str | None = None,
+    namespace: str = KUBERAY_NAMESPACE,
+    service_account: str = KUBERAY_SERVICE_ACCOUNT,
+    ttl_seconds: int = KUBERAY_TTL_SECONDS,
+    worker_memory: str | None = None,
+) -> dict[str, Any]:
+    """A KubeRay ``RayJob`` (ray.io/v1) that runs this job on a cluster of its own.
+
+    KubeRay creates a RayCluster (a head that takes no work, and one worker group sized from
+    ``resources``: GPU pods with the ``nvidia.com/gpu`` toleration, or CPU pods), submits the
+    entrypoint under the run id, and deletes the cluster ``ttl_seconds`` after the job ends.
+    The spec travels inside the manifest (``runtimeEnvYAML``), credentials removed; the
+    image must contain batchinfer with its engine (``pip install batchinfer[gpu]``). Token
+    authentication is on (``authOptions``): KubeRay makes the token and hands it to the pods
+    and the submitter itself, so no token is ever in the manifest.
+    """
+    rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
+    doc = spec.model_dump(mode="json")
+    for part in ("input", "output"):
+        doc[part]["storage_options"] = without_secrets(doc[part]["storage_options"])
+    # The spec as YAML text in an environment variable, read by `submit env:NAME`: readable in
+    # the manifest, and no file system shared with whoever rendered it is needed.
+    runtime_env = {"env_vars": {SPEC_ENV: _yaml(doc), "PYTHONUNBUFFERED": "1"}}
+    # No shell syntax: KubeRay's submitter passes the entrypoint through a shell of its own.
+    # --wait: a retry on a new cluster waits out the lease of a driver that died with the old
+    # one (a minute) instead of exiting 3; the output's markers make the retry a resume.
+    entrypoint = f"python -m batch.cli submit env:{SPEC_ENV} --address auto --wait"
+    labels = _labels(run_id=rid)
+    head, worker, _ = _pod_groups(
+        spec, image=image or default_image(), service_account=service_account,
+        worker_memory=worker_memory, labels=labels,
+    )  # fmt: skip
     return {
         "apiVersion": "ray.io/v1",
         "kind": "RayJob",
@@ -651,28 +730,74 @@ def render_kuberay(
             "backoffLimit": 2,
             "rayClusterSpec": {
                 "rayVersion": _ray_version(),
-                "headGroupSpec": {
-                    # No tasks and no GPUs on the head: it runs the driver and Ray's services.
-                    "rayStartParams": {"num-cpus": "0", "num-gpus": "0"},
-                    "template": {
-                        "metadata": {"labels": labels, "annotations": pod_annotations},
-                        "spec": head_pod,
-                    },
-                },
-                "workerGroupSpecs": [
-                    {
-                        "groupName": "gpu" if gpu else "cpu",
-                        "replicas": pods,
-                        "minReplicas": pods,
-                        "maxReplicas": pods,
-                        "rayStartParams": {},
-                        "template": {
-                            "metadata": {"labels": labels, "annotations": pod_annotations},
-                            "spec": worker_pod,
-                        },
-                    }
-                ],
+                "authOptions": {"mode": "token"},
+                "headGroupSpec": head,
+                "workerGroupSpecs": [worker],
             },
+        },
+    }
+
+
+def head_service(name: str, namespace: str = KUBERAY_NAMESPACE) -> str:
+    """The Jobs API of a RayCluster ``name`` inside Kubernetes: KubeRay's head Service is
+    ``<name>-head-svc`` and serves the dashboard on 8265."""
+    return f"http://{name}-head-svc.{namespace}.svc:8265"
+
+
+def token_command(name: str, namespace: str = KUBERAY_NAMESPACE) -> str:
+    """How to read a RayCluster's token: KubeRay keeps it in the Secret named like the
+    cluster, key ``auth_token``. Printed, never run: the token stays in the user's hands."""
+    return (
+        f"kubectl -n {namespace} get secret {name} -o jsonpath='{{.data.auth_token}}' | base64 -d"
+    )
+
+
+def render_raycluster(
+    spec: JobSpec,
+    *,
+    name: str = KUBERAY_CLUSTER_NAME,
+    image: str | None = None,
+    namespace: str = KUBERAY_NAMESPACE,
+    service_account: str = KUBERAY_SERVICE_ACCOUNT,
+    worker_memory: str | None = None,
+    max_workers: int | None = None,
+    idle_timeout_seconds: int = KUBERAY_IDLE_TIMEOUT_SECONDS,
+) -> dict[str, Any]:
+    """A standing KubeRay ``RayCluster`` (ray.io/v1) for ``submit --address`` and Airflow.
+
+    The same head and worker pods as the RayJob (the head takes no work; its Service
+    ``<name>-head-svc`` serves the Jobs API on 8265), but the worker group starts at zero
+    and Ray's autoscaler adds pods while engines wait for GPUs and removes them
+    ``idle_timeout_seconds`` after the last one left, so GPU nodes exist only while a job
+    runs. ``max_workers`` caps the group (default: the pods this job needs). Token
+    authentication is on; KubeRay keeps the token in the Secret ``<name>`` (see
+    ``token_command``).
+    """
+    try:
+        name = normalise_run_id(name)
+    except ValueError as exc:
+        raise ValueError(str(exc).replace("run id", "cluster name")) from None
+    labels = _labels(cluster=name)
+    head, worker, pods = _pod_groups(
+        spec, image=image or default_image(), service_account=service_account,
+        worker_memory=worker_memory, labels=labels,
+    )  # fmt: skip
+    if max_workers is not None and max_workers < 1:
+        raise ValueError(f"max workers {max_workers}: give at least 1")
+    worker.update(replicas=0, minReplicas=0, maxReplicas=max_workers or pods)
+    return {
+        "apiVersion": "ray.io/v1",
+        "kind": "RayCluster",
+        "metadata": {"name": name, "namespace": namespace, "labels": labels},
+        "spec": {
+            "rayVersion": _ray_version(),
+            "authOptions": {"mode": "token"},
+            # Ray's autoscaler as a sidecar of the head: it scales the worker group between
+            # 0 and maxReplicas from what tasks and actors ask for; Karpenter follows with nodes.
+            "enableInTreeAutoscaling": True,
+            "autoscalerOptions": {"idleTimeoutSeconds": idle_timeout_seconds},
+            "headGroupSpec": head,
+            "workerGroupSpecs": [worker],
         },
     }
 

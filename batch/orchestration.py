@@ -1,7 +1,7 @@
 """What a scheduler needs from a job, without the scheduler: a run id from the schedule's
 logical date, overrides given as a mapping, the command that runs a job on the scheduler's
-own worker, and the small result a scheduler passes on (the manifest's URI and the
-ledger's totals, never rows).
+own worker, the wait for a job on a cluster (with its deadline), and the small result a
+scheduler passes on (the manifest's URI and the ledger's totals, never rows).
 
 ``batch.airflow`` builds its operator on these; importing this module loads no Airflow (nor
 Ray or vLLM), so the logic is tested without either.
@@ -9,17 +9,19 @@ Ray or vLLM), so the logic is tested without either.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
-import os
+import logging
+import time as clock
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
-from batch import commit
-from batch.cluster import make_run_id
-from batch.errors import TerminalError
+from batch import cluster, commit
+from batch.cluster import make_run_id, resolved_path
+from batch.errors import BatchInferError, TerminalError
 from batch.spec import JobSpec, load_spec
 
 # The CLI's exit codes (see batch.cli): what a scheduler does about each.
@@ -75,7 +77,8 @@ def schedule_tag(logical_date: datetime | None, fallback: str | None = None) -> 
 
 
 def run_id_for(spec: JobSpec, tag: str) -> str:
-    """``<job name>-<tag>-<spec fingerprint 12>``, e.g. ``enrich-reviews-20260101-3f2a...``."""
+    """``<job name>-<tag>-<digest>``, e.g. ``enrich-reviews-20260101-3f2a...``: the digest is 12
+    hex digits over the spec's fingerprint and its output path (``cluster.run_digest``)."""
     return make_run_id(spec, tag=tag)
 
 
@@ -83,9 +86,7 @@ def output_uri(spec: JobSpec, name: str = "") -> str:
     """The output (or a file in it) as the user wrote it: ``s3://b/enriched/dt=.../_MANIFEST.json``;
     a relative local path is made absolute (the worker's working directory is not the reader's).
     """
-    path = spec.output.path
-    if "://" not in path and not os.path.isabs(path):
-        path = os.path.abspath(path)
+    path = resolved_path(spec.output.path)
     return f"{path.rstrip('/')}/{name}" if name else path
 
 
@@ -98,8 +99,9 @@ def result_summary(spec: JobSpec) -> dict[str, Any]:
     if manifest is None:
         raise OutputIncomplete(
             f"{output_uri(spec, commit.MANIFEST)} does not exist: the run did not finish this "
-            "output (if the cluster reports it SUCCEEDED, that run wrote elsewhere: the run id "
-            "does not cover output.path; give the task a different run_tag)"
+            "output (if the cluster reports the run SUCCEEDED, its output was removed or moved "
+            "since: delete that Ray job, `ray job delete <submission id>`, or give the task "
+            "another run_tag, to run it again)"
         )
     ledger = commit.read_output_json(spec, commit.LEDGER) or {}
     batch_prices = [
@@ -154,3 +156,79 @@ def describe_exit(code: int) -> str:
         EXIT_LEASE: "another run holds the output (run with wait=True to wait for it)",
         EXIT_INTERRUPTED: "interrupted; committed chunks are kept, a retry resumes",
     }.get(code, f"batchinfer exited {code}")
+
+
+# --------------------------------------------------------------------------- waiting
+
+TIMEOUT = "TIMEOUT"  # a watch's final state when its deadline passed (the job was stopped)
+ERROR = "ERROR"  # a watch's final state when the cluster could not be asked
+
+
+async def watch_remote(
+    address: str,
+    submission_id: str,
+    *,
+    poll_interval: float = 10.0,
+    max_poll_errors: int = 10,
+    deadline: float | None = None,
+    log: Any = None,
+) -> dict[str, Any]:
+    """Poll a Ray job until it is SUCCEEDED, FAILED or STOPPED; ``{"state": ..., ...}``.
+
+    ``deadline`` (epoch seconds): when it passes first, stop the job and end with state
+    ``TIMEOUT``. A scheduler's own timeout only abandons the wait, which would leave the job
+    running (Airflow calls no ``on_kill`` for a deferred task that times out), so the wait
+    enforces the deadline itself. ``ERROR`` (with ``message``): the cluster refused the
+    token, or did not answer ``max_poll_errors`` times in a row. The Jobs API client blocks,
+    so each call runs in a thread: an event loop shared with others (Airflow's triggerer)
+    never waits on it.
+    """
+    log = log or logging.getLogger(__name__)
+    errors, last = 0, ""
+    while True:
+        if deadline is not None and clock.time() >= deadline:
+            stopped = await stop_quietly(address, submission_id, log=log)
+            return {
+                "state": TIMEOUT,
+                "message": f"the deadline passed; {submission_id} was "
+                + ("stopped" if stopped else "not running any more (or could not be stopped)"),
+            }
+        try:
+            state = await asyncio.to_thread(cluster.remote_state, address, submission_id)
+            errors = 0
+        except BatchInferError as exc:
+            errors += 1
+            if isinstance(exc, TerminalError) or errors >= max_poll_errors:
+                return {"state": ERROR, "message": str(exc)}
+            log.warning(
+                "asking %s about %s failed (%d of %d): %s",
+                address, submission_id, errors, max_poll_errors, exc,
+            )  # fmt: skip
+            state = ""
+        if state and state != last:
+            log.info("%s: %s", submission_id, state)
+            last = state
+        if state in cluster.TERMINAL:
+            return {"state": state}
+        pause = poll_interval
+        if deadline is not None:
+            pause = max(0.0, min(pause, deadline - clock.time()))
+        await asyncio.sleep(pause)
+
+
+async def stop_quietly(
+    address: str,
+    submission_id: str,
+    *,
+    log: Any = None,
+) -> bool:
+    """Ask Ray to stop the job; True if it was running. Never raises for the cluster's sake:
+    it runs while something else is being torn down, and committed chunks are kept anyway."""
+    log = log or logging.getLogger(__name__)
+    try:
+        stopped = await asyncio.to_thread(cluster.stop_remote, address, submission_id)
+    except BatchInferError as exc:
+        log.warning("could not stop %s on %s: %s", submission_id, address, exc)
+        return False
+    log.info("stop %s on %s: %s", submission_id, address, "stopped" if stopped else "not running")
+    return stopped

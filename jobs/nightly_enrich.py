@@ -7,15 +7,17 @@ Every night it runs jobs/enrich.yaml over that day's partition of reviews::
 
 and hands the next task only the manifest's URI and the run's totals (rows, tokens, cost).
 
-Re-running a day is safe: the run id is the job's name, the logical date and the spec's
-fingerprint, so a retry or a cleared task attaches to the day's run (or resumes it) and
-never writes a row twice.
+Re-running a day is safe: the run id is the job's name, the logical date and a digest of
+the spec's fingerprint and output path, so a retry or a cleared task attaches to the day's
+run (or resumes it) and never writes a row twice.
 
 Settings, each an Airflow Variable or else an environment variable of the same name in
 capitals (``BATCHINFER_RAY_ADDRESS``, ...), else the default below:
 
     batchinfer_ray_address  http://HEAD:8265: run on that Ray cluster (the task defers; needs a
-                            triggerer). Empty: run on the worker with batchinfer_bin.
+                            triggerer), e.g. http://batchinfer-head-svc.batchinfer.svc:8265 for
+                            the RayCluster of infra/terraform/README.md. Empty: run on the
+                            worker with batchinfer_bin.
     batchinfer_input_base   where the daily input partitions are
     batchinfer_output_base  where the daily outputs go
     batchinfer_job          the job file (default: enrich.yaml beside this file)

@@ -6,6 +6,8 @@
 #   kuberay.tf    KubeRay operator (Helm), the Ray namespace and service account
 #   storage.tf    KMS key, the data bucket and its access-log bucket
 #   access.tf     the Ray pods' IAM role (EKS Pod Identity), limited to the two prefixes
+#   registry.tf   the ECR repository for batchinfer's image (the repository's Dockerfile)
+#   airflow.tf    read-only access to the output prefix for Airflow (policy; role if in-cluster)
 #   outputs.tf    names, URIs and commands to use the cluster
 
 data "aws_caller_identity" "current" {}

@@ -47,7 +47,7 @@ output "output_uri" {
 }
 
 output "ray_namespace" {
-  description = "Kubernetes namespace for batchinfer RayJobs (`batchinfer render kuberay` default)."
+  description = "Kubernetes namespace for batchinfer RayJobs and the standing RayCluster (`batchinfer render kuberay|raycluster` default)."
   value       = kubernetes_namespace_v1.ray.metadata[0].name
 }
 
@@ -62,8 +62,38 @@ output "ray_role_arn" {
 }
 
 output "ray_dashboard_port_forward_command" {
-  description = "Forwards the Ray dashboard and Jobs API (port 8265) of the running Ray head in the Ray namespace to http://127.0.0.1:8265."
-  value       = "kubectl -n ${kubernetes_namespace_v1.ray.metadata[0].name} port-forward \"$(kubectl -n ${kubernetes_namespace_v1.ray.metadata[0].name} get pod -l ray.io/node-type=head -o name | head -n 1)\" 8265:8265"
+  description = "Forwards the Ray dashboard and Jobs API (port 8265) of the standing RayCluster (ray_cluster_name, once you kubectl apply it) to http://127.0.0.1:8265, through the head Service KubeRay creates."
+  value       = "kubectl -n ${kubernetes_namespace_v1.ray.metadata[0].name} port-forward svc/${var.ray_cluster_name}-head-svc 8265:8265"
+}
+
+output "ray_jobs_api_in_cluster_address" {
+  description = "The standing RayCluster's Ray Jobs API as pods in this EKS cluster (an in-cluster Airflow) reach it: the Airflow Variable batchinfer_ray_address, or `batchinfer submit --address`."
+  value       = "http://${var.ray_cluster_name}-head-svc.${kubernetes_namespace_v1.ray.metadata[0].name}.svc:8265"
+}
+
+output "ray_auth_token_command" {
+  description = "Prints the standing RayCluster's token (KubeRay keeps it in the Secret named like the cluster, key auth_token). For RAY_AUTH_TOKEN or a file named by RAY_AUTH_TOKEN_PATH, with RAY_AUTH_MODE=token; never put it in a job file, a manifest or an Airflow Variable."
+  value       = "kubectl -n ${kubernetes_namespace_v1.ray.metadata[0].name} get secret ${var.ray_cluster_name} -o jsonpath='{.data.auth_token}' | base64 -d"
+}
+
+output "ecr_repository_url" {
+  description = "ECR repository for batchinfer's image: docker push <url>:<tag>, then `batchinfer render ... --image <url>:<tag>`."
+  value       = aws_ecr_repository.batchinfer.repository_url
+}
+
+output "ecr_login_command" {
+  description = "Logs docker in to the ECR registry, for docker push."
+  value       = "aws ecr get-login-password --region ${var.region} | docker login --username AWS --password-stdin ${split("/", aws_ecr_repository.batchinfer.repository_url)[0]}"
+}
+
+output "airflow_outputs_read_policy_arn" {
+  description = "IAM policy that may only list and read the output prefix (and decrypt it through S3): attach it to Airflow's role (e.g. MWAA's execution role) so the operator can read the manifest and ledger for its XCom result."
+  value       = aws_iam_policy.airflow_outputs_read.arn
+}
+
+output "airflow_role_arn" {
+  description = "Role of Airflow's workers in this EKS cluster (EKS Pod Identity, with airflow_outputs_read attached); null unless airflow_service_account is set."
+  value       = local.airflow_in_cluster ? aws_iam_role.airflow[0].arn : null
 }
 
 output "gpu_node_pool" {

@@ -152,9 +152,9 @@ variable "system_node_max_size" {
 ################################################################################
 
 variable "gpu_instance_types" {
-  description = "EC2 GPU instance types Karpenter may launch for Ray GPU workers, cheapest that fits first. Check the region offers them. L40S (g6e) and A10G (g5) suit 7-8B models; p4de/p5 suit 70B models with tensor parallelism."
+  description = "EC2 GPU instance types Karpenter may launch for Ray GPU workers; it picks the cheapest that fits each pod. Check the region offers them. A worker pod holds a whole engine replica on one node, so a job with resources.gpus_per_replica = N (tensor parallel) needs a type with at least N GPUs: the default has 1-GPU types (g6e/g5 xlarge, 2xlarge: L40S and A10G, for 7-8B models) and 4-GPU ones (g6e.12xlarge, g5.12xlarge) for gpus_per_replica 2-4; add p4de.24xlarge/p5.48xlarge (8 GPUs) for 70B models."
   type        = list(string)
-  default     = ["g6e.xlarge", "g6e.2xlarge", "g5.xlarge", "g5.2xlarge"]
+  default     = ["g6e.xlarge", "g6e.2xlarge", "g5.xlarge", "g5.2xlarge", "g6e.12xlarge", "g5.12xlarge"]
 
   validation {
     condition     = length(var.gpu_instance_types) > 0
@@ -294,7 +294,7 @@ variable "access_log_retention_days" {
 }
 
 variable "force_destroy_buckets" {
-  description = "Let `terraform destroy` delete the buckets even when they still hold objects and versions. Leave false for real data; see the README's teardown section."
+  description = "Let `terraform destroy` delete the buckets even when they still hold objects and versions, and the ECR repository with its images. Leave false for real data; see the README's teardown section."
   type        = bool
   default     = false
 }
@@ -325,6 +325,18 @@ variable "ray_namespace" {
   }
 }
 
+variable "ray_cluster_name" {
+  description = "Name of the standing RayCluster (`batchinfer render raycluster --name`, default batchinfer). Terraform does not create it (you kubectl apply it); the outputs use it: its head Service <name>-head-svc serves the Ray Jobs API on 8265, and KubeRay keeps its token in the Secret <name>."
+  type        = string
+  default     = "batchinfer"
+
+  validation {
+    # 47: the head Service name (<name>-head-svc) must stay within a 63-character DNS label.
+    condition     = can(regex("^[a-z]([a-z0-9-]{0,45}[a-z0-9])?$", var.ray_cluster_name))
+    error_message = "ray_cluster_name must be 1-47 characters of a-z, 0-9 and '-', start with a letter and not end with '-'."
+  }
+}
+
 variable "ray_service_account" {
   description = "Kubernetes service account of the Ray head and worker pods; it alone gets the bucket role. `batchinfer render kuberay` uses batchinfer-ray unless told otherwise."
   type        = string
@@ -333,6 +345,58 @@ variable "ray_service_account" {
   validation {
     condition     = can(regex("^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", var.ray_service_account))
     error_message = "ray_service_account must be a DNS-1123 subdomain: a-z, 0-9, '-' and '.', starting and ending with a letter or digit."
+  }
+}
+
+################################################################################
+# Container image
+################################################################################
+
+variable "ecr_repository_name" {
+  description = "Name of the ECR repository for batchinfer's image (the repository's Dockerfile); pass <repository URL>:<tag> to `batchinfer render ... --image`."
+  type        = string
+  default     = "batchinfer"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]+([._/-][a-z0-9]+)*$", var.ecr_repository_name)) && length(var.ecr_repository_name) <= 256
+    error_message = "ecr_repository_name must be lower-case letters and digits, separated by '.', '_', '-' or '/', at most 256 characters."
+  }
+}
+
+variable "ecr_keep_images" {
+  description = "How many images the ECR repository keeps (older ones expire; a vLLM image is about 10 GB). Keep enough to roll back to the last good build."
+  type        = number
+  default     = 10
+
+  validation {
+    condition     = var.ecr_keep_images >= 1 && floor(var.ecr_keep_images) == var.ecr_keep_images
+    error_message = "ecr_keep_images must be a whole number >= 1."
+  }
+}
+
+################################################################################
+# Airflow
+################################################################################
+
+variable "airflow_namespace" {
+  description = "Kubernetes namespace of Airflow, when it runs in this EKS cluster (used only with airflow_service_account)."
+  type        = string
+  default     = "airflow"
+
+  validation {
+    condition     = can(regex("^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$", var.airflow_namespace))
+    error_message = "airflow_namespace must be a DNS-1123 label: up to 63 characters of a-z, 0-9 and '-', starting and ending with a letter or digit."
+  }
+}
+
+variable "airflow_service_account" {
+  description = "Service account of Airflow's workers when Airflow runs in this EKS cluster (e.g. airflow-worker for the official chart): they then get a role, through EKS Pod Identity, that may only list and read the output prefix (for the XCom result). Empty: no role; attach the airflow_outputs_read_policy_arn output to Airflow's own role instead (e.g. MWAA's execution role)."
+  type        = string
+  default     = ""
+
+  validation {
+    condition     = var.airflow_service_account == "" || can(regex("^[a-z0-9]([a-z0-9.-]{0,251}[a-z0-9])?$", var.airflow_service_account))
+    error_message = "airflow_service_account must be empty or a DNS-1123 subdomain: a-z, 0-9, '-' and '.', starting and ending with a letter or digit."
   }
 }
 
@@ -352,7 +416,7 @@ variable "karpenter_chart_version" {
 }
 
 variable "kuberay_operator_chart_version" {
-  description = "KubeRay operator Helm chart version (https://ray-project.github.io/kuberay-helm/, chart kuberay-operator). Installs the RayCluster, RayJob and RayService CRDs."
+  description = "KubeRay operator Helm chart version (https://ray-project.github.io/kuberay-helm/, chart kuberay-operator). Installs the RayCluster, RayJob and RayService CRDs. At least 1.5.1: batchinfer's manifests use authOptions (Ray token authentication), which KubeRay 1.5.1 introduced."
   type        = string
   default     = "1.5.1"
 

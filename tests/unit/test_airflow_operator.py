@@ -187,6 +187,69 @@ def test_local_command_runs_batchinfer_submit_and_waits() -> None:
     assert cmd == ["bi", "submit", "j.yaml", "--address", "ray://h:10001"]
 
 
+class Stops:
+    """cluster.stop_remote and cluster.remote_state, recorded and scripted."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, states: list[Any]) -> None:
+        self.states = states
+        self.stopped: list[str] = []
+        monkeypatch.setattr(cluster, "remote_state", self.remote_state)
+        monkeypatch.setattr(cluster, "stop_remote", self.stop_remote)
+
+    def remote_state(self, address: str, sid: str) -> str:
+        answer = self.states.pop(0) if len(self.states) > 1 else self.states[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return str(answer)
+
+    def stop_remote(self, address: str, sid: str) -> bool:
+        self.stopped.append(sid)
+        return True
+
+
+def test_the_wait_stops_the_job_when_its_deadline_passes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scheduler's timeout alone would leave the Ray job running: the wait stops it."""
+    import time
+
+    fake = Stops(monkeypatch, ["RUNNING"])
+    result = asyncio.run(
+        orchestration.watch_remote(
+            "http://h:8265", "run-1", poll_interval=0.01, deadline=time.time() + 0.05
+        )
+    )
+    assert result["state"] == orchestration.TIMEOUT and "run-1 was stopped" in result["message"]
+    assert fake.stopped == ["run-1"]
+    fake.states[:] = ["RUNNING", "SUCCEEDED"]
+    done = asyncio.run(orchestration.watch_remote("http://h:8265", "run-1", poll_interval=0))
+    assert done == {"state": "SUCCEEDED"} and fake.stopped == ["run-1"], "no deadline: no stop"
+
+
+def test_the_wait_rides_out_transient_errors_and_ends_on_a_refused_token(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    Stops(monkeypatch, [cluster.ClusterError("connection refused"), "RUNNING", "FAILED"])
+    done = asyncio.run(orchestration.watch_remote("http://h:8265", "s", poll_interval=0))
+    assert done == {"state": "FAILED"}
+    Stops(monkeypatch, [cluster.ClusterAuthError("needs a token")])
+    done = asyncio.run(orchestration.watch_remote("http://h:8265", "s", poll_interval=0))
+    assert done["state"] == orchestration.ERROR and "token" in done["message"]
+    Stops(monkeypatch, [cluster.ClusterError("down")])
+    done = asyncio.run(
+        orchestration.watch_remote("http://h:8265", "s", poll_interval=0, max_poll_errors=3)
+    )
+    assert done["state"] == orchestration.ERROR, "gives up after max_poll_errors in a row"
+
+
+def test_stopping_quietly_never_raises_for_an_unreachable_cluster(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def unreachable(address: str, sid: str) -> bool:
+        raise cluster.ClusterError("Ray cluster at http://h:8265: connection refused")
+
+    monkeypatch.setattr(cluster, "stop_remote", unreachable)
+    assert asyncio.run(orchestration.stop_quietly("http://h:8265", "s")) is False
+
+
 def _imports(path: Path) -> set[str]:
     names = set()
     for node in ast.walk(ast.parse(path.read_text())):
@@ -440,6 +503,45 @@ def test_trigger_rides_out_transient_errors_and_reports_auth_errors(
     monkeypatch.setattr(cluster, "remote_state", refused)
     (event,) = asyncio.run(_collect(trigger.run()))
     assert event.payload["state"] == "ERROR" and "token" in event.payload["message"]
+
+
+def test_a_deferred_task_stops_its_job_before_execution_timeout(
+    af: Any, job: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Airflow calls no on_kill when a deferred task times out: the trigger's own deadline,
+    set a margin before execution_timeout, stops the Ray job, and the task fails (retryable)."""
+    import time
+
+    from airflow.sdk.exceptions import AirflowException, AirflowFailException, TaskDeferred
+
+    fake = FakeCluster(monkeypatch, ["RUNNING"], attached=False)
+    op = operator(
+        af, job, tmp_path / "out", address=ADDRESS, poll_interval=0.01,
+        execution_timeout=timedelta(hours=6),
+    )  # fmt: skip
+    with pytest.raises(TaskDeferred) as deferred:
+        op.execute(CONTEXT)
+    _, kwargs = deferred.value.trigger.serialize()
+    left = kwargs["deadline"] - time.time()
+    assert 6 * 3600 - 120 < left < 6 * 3600 - 60, "a minute (and a poll) before the timeout"
+
+    kwargs["deadline"] = time.time() + 0.05  # as if six hours had gone by
+    (event,) = asyncio.run(_collect(af.RayJobTrigger(**kwargs).run()))
+    assert event.payload["state"] == "TIMEOUT" and fake.stopped == [kwargs["submission_id"]]
+    with pytest.raises(AirflowException, match="execution_timeout") as failed:
+        op.execute_complete(CONTEXT, event.payload)
+    assert not isinstance(failed.value, AirflowFailException), "a retry resumes"
+
+
+def test_trigger_on_kill_survives_an_unreachable_cluster(
+    af: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unreachable(address: str, sid: str) -> bool:
+        raise cluster.ClusterError("connection refused")
+
+    monkeypatch.setattr(cluster, "stop_remote", unreachable)
+    trigger = af.RayJobTrigger(address=ADDRESS, submission_id="s", run_id="r")
+    asyncio.run(trigger.on_kill())  # logs, does not raise
 
 
 def test_on_kill_stops_the_remote_job(

@@ -1,5 +1,7 @@
-"""Running on a cluster, without one: run ids, the KubeRay manifest, progress from remote
-lines, auth headers and the CLI's arguments. (The Jobs API itself: tests/integration.)"""
+"""Running on a cluster, without one: run ids, the KubeRay manifests (RayJob and standing
+RayCluster), progress from remote lines, auth headers, following a remote job through a
+dropped log stream and Ctrl-C, and the CLI's arguments. (The Jobs API itself, against a real
+Ray head: tests/integration.)"""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ import jsonschema
 import pytest
 import yaml
 
-from batch import cluster
+from batch import cli, cluster
 from batch.errors import ConfigurationError
 from batch.spec import JobSpec, load_spec, parse_spec
 
@@ -57,6 +59,27 @@ def test_run_id_is_the_name_and_a_digest_of_fingerprint_and_output_and_stable() 
     # What determines the rows does, and so does where they go (another output, another run).
     assert cluster.make_run_id(spec(("sampling.max_tokens=7",))) != rid
     assert cluster.make_run_id(spec(("output.path=s3://other/",))) != rid
+
+
+def test_a_relative_output_names_a_run_by_where_it_was_typed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # `output.path=out` from two folders is two outputs (the cluster is told the absolute
+    # path), so two runs; from the same folder it is the same run.
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+    monkeypatch.chdir(tmp_path / "a")
+    in_a = cluster.make_run_id(spec(("output.path=out",)))
+    assert cluster.make_run_id(spec(("output.path=out",))) == in_a
+    monkeypatch.chdir(tmp_path / "b")
+    relative = spec(("output.path=out/",))
+    in_b = cluster.make_run_id(relative)
+    assert in_b != in_a
+    assert cluster.make_run_id(spec(("output.path=out",))) == in_b, "a trailing / is the same"
+    # The run id, and what the cluster is told, name one and the same output.
+    assert cluster.shipped_spec(relative)["output"]["path"] == f"{tmp_path}/b/out/"
+    assert cluster.make_run_id(spec((f"output.path={tmp_path}/b/out",))) == in_b
+    assert cluster.resolved_path("s3://bucket/out/") == "s3://bucket/out/", "URLs as typed"
 
 
 def test_run_id_with_a_tag_for_one_run_a_day() -> None:
@@ -115,6 +138,57 @@ def test_attach_prefers_a_live_attempt_then_a_success() -> None:
     )
     assert cluster.current_attempt([job("r", "SUCCEEDED")]).submission_id == "r"
     assert cluster.current_attempt([job("r", "FAILED"), job("r-a2", "STOPPED")]) is None
+
+
+def job_details(sid: str, status: str = "FAILED", run: str | None = None) -> Any:
+    meta = {cluster.RUN_ID_KEY: run} if run else {}
+    return SimpleNamespace(submission_id=sid, status=status, metadata=meta)
+
+
+def test_a_job_whose_metadata_names_another_run_is_not_an_attempt() -> None:
+    jobs = [
+        job_details("nightly", run="nightly"),
+        # `--run-id nightly-a2` is a run of its own, not attempt 2 of `nightly`
+        job_details("nightly-a2", "RUNNING", run="nightly-a2"),
+        job_details("nightly-a3", run="nightly"),
+        job_details("nightly-a4"),  # no metadata (another tool): the id decides
+        job_details("retry-7", run="nightly"),  # the metadata decides, whatever the id
+        job_details("other", run="other"),
+    ]
+    fake = SimpleNamespace(list_jobs=lambda: jobs)
+    found = cluster.attempts("http://h:8265", "nightly", jobs_client=fake)
+    assert {j.submission_id for j in found} == {"nightly", "nightly-a3", "nightly-a4", "retry-7"}
+    assert cluster.current_attempt(found) is None, "the RUNNING job belongs to another run"
+    (own,) = cluster.attempts("http://h:8265", "nightly-a2", jobs_client=fake)
+    assert own.submission_id == "nightly-a2"
+
+
+def test_one_jobs_api_client_per_address(monkeypatch: pytest.MonkeyPatch) -> None:
+    import ray.job_submission
+
+    built: list[tuple[str, dict[str, str]]] = []
+
+    class Client:
+        def __init__(self, address: str, headers: dict[str, str]) -> None:
+            built.append((address, headers))
+
+        def get_job_info(self, sid: str) -> Any:
+            return SimpleNamespace(status="RUNNING")
+
+    monkeypatch.setattr(ray.job_submission, "JobSubmissionClient", Client)
+    monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
+    cluster.forget_clients()
+    try:
+        for _ in range(3):  # as wait_terminal and the Airflow trigger poll
+            assert cluster.remote_state("http://a:8265", "s") == "RUNNING"
+        cluster.remote_state("http://b:8265", "s")
+        assert [a for a, _ in built] == ["http://a:8265", "http://b:8265"]
+        monkeypatch.setenv("RAY_AUTH_MODE", "token")
+        monkeypatch.setenv("RAY_AUTH_TOKEN", "t0k3n")
+        cluster.remote_state("http://a:8265", "s")  # another token: another client
+        assert built[-1] == ("http://a:8265", {"Authorization": "Bearer t0k3n"})
+    finally:
+        cluster.forget_clients()
 
 
 def test_auth_header_comes_from_the_token_the_way_ray_reads_it(
@@ -208,12 +282,36 @@ def strict(schema: Any) -> Any:
     return schema
 
 
-@pytest.fixture(scope="module")
-def validator() -> jsonschema.protocols.Validator:
-    schema = strict(yaml.safe_load(SCHEMA.read_text()))
+def strict_validator(schema: Any) -> jsonschema.protocols.Validator:
+    schema = strict(schema)
     cls = jsonschema.validators.validator_for(schema, default=jsonschema.Draft202012Validator)
     cls.check_schema(schema)
     return cls(schema)
+
+
+@pytest.fixture(scope="module")
+def validator() -> jsonschema.protocols.Validator:
+    return strict_validator(yaml.safe_load(SCHEMA.read_text()))
+
+
+@pytest.fixture(scope="module")
+def raycluster_validator() -> jsonschema.protocols.Validator:
+    """KubeRay's RayCluster CRD: its spec is the RayClusterSpec a RayJob embeds (one Go type,
+    one schema in both CRDs), so the vendored RayJob schema's rayClusterSpec is used."""
+    rayjob = yaml.safe_load(SCHEMA.read_text())
+    return strict_validator(
+        {
+            "type": "object",
+            "required": ["apiVersion", "kind", "metadata", "spec"],
+            "properties": {
+                "apiVersion": {"type": "string"},
+                "kind": {"type": "string"},
+                "metadata": {"type": "object"},
+                "spec": rayjob["properties"]["spec"]["properties"]["rayClusterSpec"],
+            },
+            "$defs": rayjob["$defs"],
+        }
+    )
 
 
 def test_gpu_manifest_is_a_valid_rayjob_sized_from_the_job(
@@ -256,6 +354,59 @@ def test_gpu_manifest_is_a_valid_rayjob_sized_from_the_job(
     ]
     for p in (head_pod, pod):
         assert p["serviceAccountName"] == "batchinfer-ray"
+    # Ray's token authentication: KubeRay makes the token and gives it to every pod itself.
+    assert spec_["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+    version = tuple(int(x) for x in spec_["rayClusterSpec"]["rayVersion"].split(".")[:2])
+    assert version >= (2, 52), "authOptions needs Ray 2.52 or newer"
+
+
+def test_standing_raycluster_scales_gpus_to_zero_and_serves_the_jobs_api(
+    validator: jsonschema.protocols.Validator,
+    raycluster_validator: jsonschema.protocols.Validator,
+) -> None:
+    s = spec()
+    m = cluster.render_raycluster(s, image="registry.example/batchinfer:1")
+    raycluster_validator.validate(m)
+    bad = copy.deepcopy(m)
+    bad["spec"]["workerGroupSpecs"][0]["minReplicaz"] = 0
+    with pytest.raises(jsonschema.ValidationError):
+        raycluster_validator.validate(bad)
+
+    assert (m["apiVersion"], m["kind"]) == ("ray.io/v1", "RayCluster")
+    assert m["metadata"] == {
+        "name": "batchinfer",
+        "namespace": "batchinfer",
+        "labels": m["metadata"]["labels"],
+    }
+    spec_ = m["spec"]
+    assert spec_["enableInTreeAutoscaling"] is True
+    assert spec_["authOptions"] == {"mode": "token"}
+    head = spec_["headGroupSpec"]
+    assert head["rayStartParams"]["num-gpus"] == "0" and head["rayStartParams"]["num-cpus"] == "0"
+    (container,) = head["template"]["spec"]["containers"]
+    assert {"containerPort": 8265, "name": "dashboard"} in container["ports"]
+    (group,) = spec_["workerGroupSpecs"]
+    assert group["minReplicas"] == group["replicas"] == 0, "no GPU held between runs"
+    assert group["maxReplicas"] == 3, "the job's replicas, one pod each (2 GPUs per pod)"
+
+    # The same pods as the RayJob's cluster: image, service account, GPUs, toleration.
+    rayjob = cluster.render_kuberay(s, image="registry.example/batchinfer:1")
+    job_cluster = rayjob["spec"]["rayClusterSpec"]
+    assert group["template"]["spec"] == job_cluster["workerGroupSpecs"][0]["template"]["spec"]
+    assert head["template"]["spec"] == job_cluster["headGroupSpec"]["template"]["spec"]
+    validator.validate(rayjob)
+
+    text = cluster.manifest_yaml(m)
+    assert "AKIAEXAMPLE" not in text and "hush" not in text and "BATCHINFER_SPEC" not in text
+    assert cluster.head_service("batchinfer") == "http://batchinfer-head-svc.batchinfer.svc:8265"
+    assert "get secret batchinfer" in cluster.token_command("batchinfer")
+
+    capped = cluster.render_raycluster(s, name="Team_A", max_workers=8, namespace="ml")
+    raycluster_validator.validate(capped)
+    assert capped["metadata"]["name"] == "team-a" and capped["metadata"]["namespace"] == "ml"
+    assert capped["spec"]["workerGroupSpecs"][0]["maxReplicas"] == 8
+    with pytest.raises(ValueError, match="cluster name"):
+        cluster.render_raycluster(s, name="__")
 
 
 def test_the_manifest_carries_the_spec_without_credentials(
@@ -315,11 +466,29 @@ def test_render_kuberay_cli_writes_a_manifest(tmp_path: Path) -> None:
     assert m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
 
 
+def test_render_raycluster_cli_says_where_the_jobs_api_and_token_are(tmp_path: Path) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    out = tmp_path / "raycluster.yaml"
+    res = batchinfer("render", "raycluster", str(job), "--image", "img:1", "-o", str(out))
+    assert res.returncode == 0, res.stderr
+    assert "RayCluster batchinfer in namespace batchinfer" in res.stderr
+    assert "http://batchinfer-head-svc.batchinfer.svc:8265" in res.stderr
+    assert "port-forward svc/batchinfer-head-svc 8265:8265" in res.stderr
+    assert "get secret batchinfer" in res.stderr and "RAY_AUTH_MODE=token" in res.stderr
+    m = yaml.safe_load(out.read_text())
+    assert m["kind"] == "RayCluster" and m["spec"]["workerGroupSpecs"][0]["minReplicas"] == 0
+    res = batchinfer("render", "raycluster", str(job), "--run-id", "x")
+    assert res.returncode == 2 and "--name" in res.stderr
+    res = batchinfer("render", "kuberay", str(job))
+    assert "no --image" in res.stderr, "the default image exists in no registry: say so"
+
+
 def test_render_refuses_unknown_kinds_and_bad_specs(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
     job.write_text(JOB)
     res = batchinfer("render", "helm", str(job))
-    assert res.returncode == 2 and "only kuberay" in res.stderr
+    assert res.returncode == 2 and "kuberay" in res.stderr and "raycluster" in res.stderr
     res = batchinfer("render", "kuberay", str(job), "--set", "resources.replicas=0")
     assert res.returncode == 2 and "resources.replicas" in res.stderr
 
@@ -333,6 +502,8 @@ def test_cluster_options_need_a_jobs_api_address(tmp_path: Path) -> None:
     assert res.returncode == 2 and "http(s)://" in res.stderr
     res = batchinfer("submit", str(job), "--address", "http://x:8265", "--run-id", "__")
     assert res.returncode == 2 and "--run-id" in res.stderr
+    res = batchinfer("status", str(job), "--run-id", "nightly-7")  # not silently ignored
+    assert res.returncode == 2 and "--address http://" in res.stderr
 
 
 def test_unreachable_cluster_is_one_line_exit_1(tmp_path: Path) -> None:
@@ -354,3 +525,148 @@ def test_loaded_job_file_and_shipped_spec_agree() -> None:
     shipped = parse_spec(json.dumps(cluster.shipped_spec(s)))
     assert shipped.fingerprint() != "" and shipped.name == s.name
     assert shipped.resources == s.resources and shipped.prompt == s.prompt
+
+
+# --------------------------------------------------------------------------- following
+
+
+class FakeRemote:
+    """The Jobs API calls `submit --address` makes, scripted: each log stream in turn (a
+    list of lines, ending in an exception to drop it), then the job's states in order."""
+
+    def __init__(
+        self, monkeypatch: pytest.MonkeyPatch, streams: list[list[Any]], states: list[str]
+    ) -> None:
+        self.streams, self.states = streams, states
+        self.opened = 0
+        self.stopped: list[str] = []
+        self.log = "".join(f"{x}\n" for x in streams[-1] if isinstance(x, str))
+        monkeypatch.setattr(cli, "RECONNECT_S", 0.0)
+        monkeypatch.setattr(cluster, "submit_remote", self.submit_remote)
+        monkeypatch.setattr(cluster, "tail_logs", self.tail_logs)
+        monkeypatch.setattr(cluster, "remote_state", self.remote_state)
+        monkeypatch.setattr(cluster, "remote_logs", lambda a, s: self.log)
+        monkeypatch.setattr(cluster, "stop_remote", self.stop_remote)
+        monkeypatch.setattr(cluster, "wait_terminal", lambda a, s, timeout=60: "STOPPED")
+        monkeypatch.setattr(
+            cluster,
+            "job_info",
+            lambda a, s: SimpleNamespace(
+                status=self.states[-1], driver_exit_code=0, message="", metadata={}
+            ),
+        )
+
+    def submit_remote(self, address: str, job: Any, overrides: Any, **kw: Any) -> Any:
+        return cluster.RemoteRun(address, "run-1", "run-1", attached=False)
+
+    def tail_logs(self, address: str, sid: str) -> Any:
+        stream = self.streams[min(self.opened, len(self.streams) - 1)]
+        self.opened += 1
+        for item in stream:
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def remote_state(self, address: str, sid: str) -> str:
+        return self.states.pop(0) if len(self.states) > 1 else self.states[0]
+
+    def stop_remote(self, address: str, sid: str) -> bool:
+        self.stopped.append(sid)
+        return True
+
+
+def follow(job: Path, *, json_lines: bool = True, quiet: bool = False) -> int:
+    return cli._follow_remote(
+        "http://h:8265", job, [], run_id=None, wait=False, verbose=True, quiet=quiet,
+        detach=False, json_lines=json_lines,
+    )  # fmt: skip
+
+
+@pytest.fixture
+def job_file(tmp_path: Path) -> Path:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    return job
+
+
+def test_a_dropped_log_stream_is_picked_up_again_until_the_job_ends(
+    job_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drop = cluster.ClusterError("Ray cluster at http://h:8265: connection reset")
+    # The first stream drops while the job runs; the second replays the log from the start.
+    fake = FakeRemote(
+        monkeypatch,
+        streams=[["one", "two", drop], ["one", "two", "three", "four: done"]],
+        states=["RUNNING", "SUCCEEDED"],
+    )
+    assert follow(job_file) == 0, "a job that succeeded is exit 0, not 1"
+    out, err = capsys.readouterr()
+    assert fake.opened == 2
+    lines = [ln for ln in out.splitlines() if not ln.startswith("{")]
+    assert lines == ["one", "two", "three", "four: done"], "every line once, none replayed"
+    assert "log stream of run-1 dropped" in err and "RUNNING" in err and "reconnecting" in err
+
+
+def test_the_last_lines_are_read_when_the_job_ends_while_reconnecting(
+    job_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    drop = cluster.ClusterError("Ray cluster at http://h:8265: connection reset")
+    fake = FakeRemote(monkeypatch, streams=[["one", drop]], states=["SUCCEEDED"])
+    fake.log = "one\ntwo\nthe summary line\n"
+    assert follow(job_file) == 0
+    out, _ = capsys.readouterr()
+    assert [ln for ln in out.splitlines() if not ln.startswith("{")] == [
+        "one", "two", "the summary line",
+    ]  # fmt: skip
+
+
+def test_a_failed_job_after_a_dropped_stream_keeps_its_exit_code(
+    job_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    drop = cluster.ClusterError("Ray cluster at http://h:8265: connection reset")
+    fake = FakeRemote(monkeypatch, streams=[["one", drop], ["one"]], states=["RUNNING", "FAILED"])
+    monkeypatch.setattr(
+        cluster,
+        "job_info",
+        lambda a, s: SimpleNamespace(status="FAILED", driver_exit_code=3, message="", metadata={}),
+    )
+    assert follow(job_file) == 3, "the remote CLI's own exit code, as a local run"
+    assert fake.opened == 2
+
+
+@pytest.mark.parametrize("answer", [True, False, None])  # None: just Enter (the default)
+def test_ctrl_c_on_a_terminal_asks_whether_to_stop_the_remote_job(
+    answer: bool | None,
+    job_file: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    fake = FakeRemote(monkeypatch, streams=[["one", KeyboardInterrupt()]], states=["RUNNING"])
+    asked: list[tuple[str, bool]] = []
+
+    def confirm(text: str, default: bool = False) -> bool:
+        asked.append((text, default))
+        return default if answer is None else answer
+
+    monkeypatch.setattr("sys.stdin", SimpleNamespace(isatty=lambda: True))
+    monkeypatch.setattr(cli.typer, "confirm", confirm)
+    assert follow(job_file, json_lines=False, quiet=True) == 130
+    err = capsys.readouterr().err
+    assert asked == [("\nStop the remote job run-1?", False)], "asked once; default: keep it"
+    if answer:
+        assert fake.stopped == ["run-1"]
+        assert "interrupted: run-1 stopped; committed chunks are kept" in err
+    else:
+        assert fake.stopped == [], "the job keeps running on the cluster"
+        assert "run-1 keeps running on http://h:8265" in err
+        assert "run the same command to follow it again" in err
+
+
+def test_ctrl_c_without_a_terminal_stops_the_remote_job(
+    job_file: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    fake = FakeRemote(monkeypatch, streams=[["one", KeyboardInterrupt()]], states=["RUNNING"])
+    monkeypatch.setattr(cli.typer, "confirm", lambda *a, **k: pytest.fail("no one to ask"))
+    assert follow(job_file, json_lines=True) == 130
+    assert fake.stopped == ["run-1"]
+    assert "interrupted: run-1 stopped" in capsys.readouterr().err
