@@ -571,6 +571,33 @@ def machine() -> dict[str, Any]:
 # --------------------------------------------------------------------------- reporting
 
 
+def check_same_work(task: str, runs: dict[str, list[dict[str, Any]]]) -> None:
+    """Every run of every system produced the same rows and the same number of tokens."""
+    seen = {(f["rows_out"], f["tokens"]) for figs in runs.values() for f in figs}
+    if len(seen) != 1:
+        detail = {s: [(f["rows_out"], f["tokens"]) for f in figs] for s, figs in runs.items()}
+        raise SystemExit(f"{task}: the systems did different work (rows, tokens): {detail}")
+
+
+def median_figures(figs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of each figure over a system's runs, the steady range, and every run."""
+    import statistics
+
+    def med(values: list[Any]) -> Any:
+        present = [v for v in values if v is not None]
+        return round(statistics.median(present), 3) if present else None
+
+    out = dict(figs[0])
+    for key, value in figs[0].items():
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            out[key] = med([f.get(key) for f in figs])
+    out["phases_s"] = {k: med([f["phases_s"][k] for f in figs]) for k in figs[0]["phases_s"]}
+    steady = [f["steady_per_s"] for f in figs if f.get("steady_per_s")]
+    out["steady_range"] = [min(steady), max(steady)] if steady else None
+    out["runs"] = figs
+    return out
+
+
 def ratios(results: dict[str, dict[str, dict[str, Any]]]) -> None:
     """Add each system's ratios to raw vLLM (throughput: higher is better; wall: lower)."""
     for per_system in results.values():
@@ -597,6 +624,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         "Steady: finished after the first result / (last result - first result). Engine phase: "
         "everything / (last result - first request at the engine). Wall: process start to exit.",
+        f"Each figure is the median of {doc.get('repeat', 1)} runs per system, interleaved round "
+        "by round; the steady range is the lowest and highest run.",
         "",
     ]
     for task, per_system in doc["results"].items():
@@ -604,15 +633,16 @@ def markdown(doc: dict[str, Any]) -> str:
         lines += [
             f"## {task} ({unit})",
             "",
-            "| system | wall s | engine start s | first result s | steady | engine phase "
-            "| steady vs vLLM | engine phase vs vLLM | wall vs vLLM | engine idle |",
-            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+            "| system | wall s | engine start s | first result s | steady | steady range "
+            "| engine phase | steady vs vLLM | engine phase vs vLLM | wall vs vLLM | engine idle |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
         ]
         for system, f in per_system.items():
             idle = f.get("engine_idle_fraction")
+            lo, hi = f.get("steady_range") or (0.0, 0.0)
             lines.append(
                 f"| {system} | {f['wall_s']:.1f} | {f['engine_start_s']:.1f} | "
-                f"{f['first_result_s']:.1f} | {f['steady_per_s'] or 0:.1f} | "
+                f"{f['first_result_s']:.1f} | {f['steady_per_s'] or 0:.1f} | {lo:.0f}-{hi:.0f} | "
                 f"{f['engine_phase_per_s'] or 0:.1f} | {f.get('steady_vs_vllm', 1.0):.2f}x | "
                 f"{f.get('engine_phase_vs_vllm', 1.0):.2f}x | {f.get('wall_vs_vllm', 1.0):.2f}x | "
                 f"{'' if idle is None else f'{idle:.1%}'} |"
@@ -720,6 +750,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--results", default=None, help="where results go (default benchmarks/results)")
     p.add_argument("--quick", action="store_true", help="a smoke run with few rows")
+    p.add_argument("--repeat", type=int, default=3,
+                   help="runs per system, interleaved by round; figures are medians")  # fmt: skip
     # internal: run one system in this process
     p.add_argument("--one", choices=["vllm", "ray-data-llm"], help=argparse.SUPPRESS)
     p.add_argument("--task", help=argparse.SUPPRESS)
@@ -773,11 +805,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     for task in a.tasks.split(","):
         data = write_input(work / f"data-{task}", bench.rows_for(task))
         check_same_prompts(data)
-        results[task] = {}
-        for system in a.systems.split(","):
-            print(f"{task}: {system} ...", flush=True)
-            results[task][system] = run_system(system, bench, task, data, work, log)
-            print(f"  {json.dumps(results[task][system])}", flush=True)
+        runs: dict[str, list[dict[str, Any]]] = {s: [] for s in a.systems.split(",")}
+        # Round by round, every system once per round, so a drift of the machine (this kind's
+        # steady figures wander by 5-10% over minutes) touches all systems alike.
+        for r in range(a.repeat):
+            for system in runs:
+                print(f"{task}: {system} (run {r + 1} of {a.repeat}) ...", flush=True)
+                runs[system].append(run_system(system, bench, task, data, work, log))
+                print(f"  {json.dumps(runs[system][-1])}", flush=True)
+        check_same_work(task, runs)
+        results[task] = {system: median_figures(figs) for system, figs in runs.items()}
     ratios(results)
     doc = {
         "command": " ".join(["python", "benchmarks/throughput.py", *(argv or sys.argv[1:])]),
@@ -785,6 +822,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         "machine": machine(),
         "versions": versions(),
         "parameters": {k: v for k, v in asdict(bench).items()},
+        "repeat": a.repeat,
         "results": results,
     }
     text = markdown(doc)
