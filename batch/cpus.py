@@ -109,11 +109,15 @@ def isolate(session: Session, engine: dict[int, set[int]]) -> dict[str, Any]:
     others = set(session.cpus) - engine_cpus
     if not engine_cpus or not others:
         return {}
+    run = set(session.cpus)
     moved = 0
     for p in _tree([session.driver, *session.ray]):
         if p.pid in engine:
             continue
-        with contextlib.suppress(psutil.Error):
+        with contextlib.suppress(psutil.Error, OSError):
+            mine = set(os.sched_getaffinity(p.pid))
+            if mine < run and mine != others:
+                continue  # bound by itself: another replica's engine worker, left alone
             moved += _set_threads(p.pid, others)
     return {"engine": sorted(engine_cpus), "others": sorted(others), "threads_moved": moved}
 

@@ -86,6 +86,21 @@ def test_isolate_moves_the_session_but_not_the_engine_nor_strangers(
         stranger.wait()
 
 
+def test_another_replicas_bound_worker_is_left_where_it_is(
+    tree: tuple[subprocess.Popen[str], int, int],
+) -> None:
+    proc, bound, free = tree  # here ``bound`` stands for a second replica's engine worker
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        os.sched_setaffinity(other.pid, ENGINE)  # the replica that is isolating
+        session = cpus.Session(driver=proc.pid, ray=(), cpus=tuple(ALL))
+        cpus.isolate(session, {other.pid: ENGINE})
+        assert _affinity(bound) == ENGINE and _affinity(free) == OTHERS
+    finally:
+        other.kill()
+        other.wait()
+
+
 def test_nothing_moves_when_the_engine_is_not_bound() -> None:
     session = cpus.Session(driver=os.getpid(), ray=(), cpus=tuple(ALL))
     assert cpus.isolate(session, {}) == {}
