@@ -16,12 +16,14 @@ number of tokens. Embeddings are run the same way.
 
 Reported for each system: end-to-end wall time (process start to exit, as the user waits for
 it), engine start (engine construction until it is ready), time to first result, steady-state
-throughput (output tokens, or embeddings, finished after the first result over the time from the
-first result to the last; from per-row completion times recorded the same way in each system),
+throughput (output tokens, or embeddings, finished after the first full batch of results over
+the time from it to the last result; from per-row completion times recorded the same way in
+each system), the engine phase's throughput (everything over first request to last result),
 and the ratios to raw vLLM. For batchinfer also the engine's idle fraction between chunks, from
-its ledger.
+its ledger. Each system runs ``--repeat`` times (3), interleaved round by round; the figures are
+medians and every run is kept in the JSON, with its completion times.
 
-Run from the repository root (CPU default: SmolLM2-135M and all-MiniLM-L6-v2, about 10 min)::
+Run from the repository root (CPU default: SmolLM2-135M and all-MiniLM-L6-v2, about 40 min)::
 
     .venv/bin/python benchmarks/throughput.py
 
@@ -410,19 +412,24 @@ def batchinfer_result(out: str, task: str) -> dict[str, Any]:
 # --------------------------------------------------------------------------- measuring
 
 
-def figures(raw: dict[str, Any], spawned: float, exited: float, task: str) -> dict[str, Any]:
+def figures(
+    raw: dict[str, Any], spawned: float, exited: float, task: str, batch: int
+) -> dict[str, Any]:
     """The reported figures from one system's raw timestamps.
 
-    steady: what finished after the first result over the time from the first result to the
-    last. Rows finishing in the same engine step as the first result (within 50 ms) belong to
-    it. engine phase: everything over the time from the first request reaching the engine to
-    the last result (free of the first-wave effect, which the steady figure keeps when many
-    rows finish together, as they do with ignore_eos).
+    steady: what finished after the first full batch of results (the ``batch``-th row to
+    finish) over the time from it to the last result. With ignore_eos and a fixed max_tokens,
+    rows finish in lockstep waves of about a batch; starting at the first result instead
+    would count some of the first wave and not the rest, by chance (rows of one wave finish
+    a step or two apart), which swung single runs by up to a wave's tokens (a quarter of them
+    at 256 rows). From the end of the first batch the count is whole waves. engine phase:
+    everything over the time from the first request reaching the engine to the last result.
     """
     done = sorted(zip(raw["finished"], raw["tokens"], strict=True))
     first, last = done[0][0], done[-1][0]
-    after = [(t, k) for t, k in done if t > first + 0.05]
-    span = last - first
+    start = done[batch - 1][0] if len(done) >= 2 * batch else first
+    after = done[batch:] if len(done) >= 2 * batch else [(t, k) for t, k in done if t > first]
+    span = last - start
 
     def amount(rows: Sequence[tuple[float, int]]) -> int:
         return sum(k for _, k in rows) if task == "generate" else len(rows)
@@ -441,12 +448,15 @@ def figures(raw: dict[str, Any], spawned: float, exited: float, task: str) -> di
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "engine_start_s": round(raw["engine_ready"] - raw["engine_created"], 2),
         "first_result_s": round(first - spawned, 2),
+        "steady_from_s": round(start - spawned, 2),
         "steady_per_s": round(amount(after) / span, 2) if span > 0 and after else None,
         "engine_phase_per_s": round(amount(done) / phase, 2) if phase > 0 else None,
         "unit": "output tokens/s" if task == "generate" else "embeddings/s",
         "rows_out": raw["rows_out"],
         "tokens": int(sum(raw["tokens"])),
         **{k: raw[k] for k in ("engine_idle_fraction", "failed_rows") if k in raw},
+        # the raw completion times (seconds after the process started), to recompute from
+        "finished_s": [round(t - spawned, 3) for t, _ in done],
     }
 
 
@@ -480,33 +490,54 @@ def check_same_prompts(data: str) -> None:
 
 
 def run_system(
-    system: str, bench: Bench, task: str, data: str, work: Path, log: Path
+    system: str, bench: Bench, task: str, data: str, work: Path, log: Path, *, tries: int = 2
 ) -> dict[str, Any]:
-    out = str(work / f"out-{system}-{task}")
-    shutil.rmtree(out, ignore_errors=True)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
-    if system == "batchinfer":
-        job = work / f"job-{task}.yaml"
-        job.write_text(batchinfer_job(bench, task, str(Path(data).parent), out))
-        cmd = [str(Path(sys.executable).with_name("batchinfer")), "submit", str(job), "--quiet"]
-    else:
+    """One run of one system, in a fresh process. A run that did its work but exited non-zero
+    afterwards (vLLM's engine shutdown sometimes aborts the process at exit: "terminate called
+    without an active exception") counts, with its exit code recorded; a run that produced no
+    result is tried again once, and the failed try is recorded too."""
+    failures: list[int] = []
+    for _ in range(tries):
+        out = str(work / f"out-{system}-{task}")
+        shutil.rmtree(out, ignore_errors=True)
+        env = dict(os.environ, PYTHONPATH=str(ROOT), PYTHONUNBUFFERED="1")
         result_file = work / f"raw-{system}-{task}.json"
-        cmd = [sys.executable, __file__, "--one", system, "--task", task, "--data", data]
-        cmd += ["--out", out, "--raw", str(result_file), "--bench", json.dumps(asdict(bench))]
-    warm_up(bench, task)
-    spawned = time.time()
-    with log.open("a") as f:
-        f.write(f"\n===== {system} {task}: {' '.join(cmd[:4])} ...\n")
-        f.flush()
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
-    exited = time.time()
-    if proc.returncode != 0:
-        raise SystemExit(f"{system} {task} failed (exit {proc.returncode}); see {log}")
-    if system == "batchinfer":
-        raw = batchinfer_result(out, task)
-    else:
-        raw = json.loads(result_file.read_text())
-    return figures(raw, spawned, exited, task)
+        result_file.unlink(missing_ok=True)
+        if system == "batchinfer":
+            job = work / f"job-{task}.yaml"
+            job.write_text(batchinfer_job(bench, task, str(Path(data).parent), out))
+            cmd = [str(Path(sys.executable).with_name("batchinfer")), "submit", str(job)]
+            cmd.append("--quiet")
+        else:
+            cmd = [sys.executable, __file__, "--one", system, "--task", task, "--data", data]
+            cmd += ["--out", out, "--raw", str(result_file), "--bench", json.dumps(asdict(bench))]
+        warm_up(bench, task)
+        spawned = time.time()
+        with log.open("a") as f:
+            f.write(f"\n===== {system} {task}: {' '.join(cmd[:4])} ...\n")
+            f.flush()
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        exited = time.time()
+        done = (
+            Path(out, "_MANIFEST.json").exists()
+            if system == "batchinfer"
+            else (result_file.exists())
+        )
+        if done:
+            raw = (
+                batchinfer_result(out, task)
+                if system == "batchinfer"
+                else json.loads(result_file.read_text())
+            )
+            fig = figures(raw, spawned, exited, task, bench.batch_size)
+            if proc.returncode != 0:
+                fig["exit_code"] = proc.returncode
+            if failures:
+                fig["failed_tries"] = failures
+            return fig
+        failures.append(proc.returncode)
+        print(f"  {system} {task} failed (exit {proc.returncode}); see {log}", flush=True)
+    raise SystemExit(f"{system} {task} failed {tries} times (exits {failures}); see {log}")
 
 
 def warm_up(bench: Bench, task: str) -> None:
@@ -622,7 +653,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "Versions: " + ", ".join(f"{k} {v}" for k, v in doc["versions"].items()) + "  ",
         "Parameters: " + ", ".join(f"{k}={v}" for k, v in doc["parameters"].items()),
         "",
-        "Steady: finished after the first result / (last result - first result). Engine phase: "
+        "Steady: finished after the first full batch of results / (last result - the batch-th "
+        "result); rows finish in lockstep waves with ignore_eos (see figures()). Engine phase: "
         "everything / (last result - first request at the engine). Wall: process start to exit.",
         f"Each figure is the median of {doc.get('repeat', 1)} runs per system, interleaved round "
         "by round; the steady range is the lowest and highest run.",
@@ -727,7 +759,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     p.add_argument("--model", default="builtin:smollm2-135m-instruct")
     p.add_argument("--embed-model", default="builtin:all-minilm-l6-v2")
     p.add_argument("--device", default="cpu", choices=["cpu", "gpu"])
-    p.add_argument("--rows", type=int, default=256, help="rows for generation")
+    p.add_argument("--rows", type=int, default=512, help="rows for generation")
     p.add_argument("--embed-rows", type=int, default=2048, help="rows for embeddings")
     p.add_argument("--max-tokens", type=int, default=32)
     p.add_argument("--batch-size", type=int, default=64, help="vLLM max_num_seqs, for all")
