@@ -150,6 +150,9 @@ def test_generate_job_on_the_cluster_and_resubmit_attaches(
 
 
 def slow_fake_job(tmp_path: Path, rows: int = 48) -> tuple[Path, Path, list[str]]:
+    """12 chunks of about 5 s, two at a time (batch_size 4 keeps the runner from raising
+    chunks_in_flight to fill a batch of 64): the job is still running while a test attaches,
+    asks for its status and stops it."""
     inp, out = tmp_path / "reviews", tmp_path / "out"
     write_reviews(inp, rows=rows, files=2)
     job = write_job(
@@ -159,10 +162,10 @@ def slow_fake_job(tmp_path: Path, rows: int = 48) -> tuple[Path, Path, list[str]
         input: {{path: "{inp}", id_column: review_id}}
         output: {{path: "{out}"}}
         model: {{path: m, engine: fake,
-                 fake_options: {{max_model_len: 400, delay_per_token: 0.08}}}}
+                 fake_options: {{max_model_len: 400, delay_per_token: 0.15}}}}
         prompt: {{template: "{{{{ body }}}}"}}
         sampling: {{max_tokens: 8}}
-        resources: {{rows_per_chunk: 4, chunks_in_flight: 1}}
+        resources: {{rows_per_chunk: 4, chunks_in_flight: 1, batch_size: 4}}
         """,
     )
     return job, out, input_ids(inp)

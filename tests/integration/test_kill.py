@@ -29,6 +29,8 @@ CHUNKS = ROWS // ROWS_PER_CHUNK
 
 
 def job_yaml(inp: str, out: str, storage: str) -> str:
+    # batch_size 20 keeps three chunks in flight (the runner raises chunks_in_flight to fill a
+    # batch of 64 plus one), so the job runs long enough to be killed early and mid-run.
     return f"""
 name: kill-test
 input: {{path: "{inp}", id_column: review_id, storage_options: {storage}}}
@@ -36,7 +38,7 @@ output: {{path: "{out}", storage_options: {storage}}}
 model: {{path: fake, engine: fake, fake_options: {{max_model_len: 400, delay_per_token: 0.01}}}}
 prompt: {{template: "{{{{ product }}}}: {{{{ body }}}}"}}
 sampling: {{max_tokens: 8}}
-resources: {{rows_per_chunk: {ROWS_PER_CHUNK}, chunks_in_flight: 3}}
+resources: {{rows_per_chunk: {ROWS_PER_CHUNK}, chunks_in_flight: 3, batch_size: 20}}
 """
 
 
