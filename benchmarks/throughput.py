@@ -610,6 +610,16 @@ def check_same_work(task: str, runs: dict[str, list[dict[str, Any]]]) -> None:
         raise SystemExit(f"{task}: the systems did different work (rows, tokens): {detail}")
 
 
+def dump_json(doc: dict[str, Any]) -> str:
+    """Indented JSON with each list of numbers on one line (the per-row completion times)."""
+    import re
+
+    text = json.dumps(doc, indent=2)
+    number = r"-?[\d.]+(?:[eE][-+]?\d+)?"
+    lists = re.compile(rf"\[\n\s+((?:{number},\n\s+)*{number})\n\s+\]")
+    return lists.sub(lambda m: "[" + re.sub(r",\n\s+", ", ", m.group(1)) + "]", text) + "\n"
+
+
 def median_figures(figs: list[dict[str, Any]]) -> dict[str, Any]:
     """The median of each figure over a system's runs, the steady range, and every run."""
     import statistics
@@ -618,8 +628,8 @@ def median_figures(figs: list[dict[str, Any]]) -> dict[str, Any]:
         present = [v for v in values if v is not None]
         return round(statistics.median(present), 3) if present else None
 
-    out = dict(figs[0])
-    for key, value in figs[0].items():
+    out = {k: v for k, v in figs[0].items() if k != "finished_s"}  # those stay with each run
+    for key, value in out.items():
         if isinstance(value, int | float) and not isinstance(value, bool):
             out[key] = med([f.get(key) for f in figs])
     out["phases_s"] = {k: med([f["phases_s"][k] for f in figs]) for k in figs[0]["phases_s"]}
@@ -864,7 +874,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     out = Path(a.results or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
     stem = out / f"throughput-{bench.device}"
-    stem.with_suffix(".json").write_text(json.dumps(doc, indent=2) + "\n")
+    stem.with_suffix(".json").write_text(dump_json(doc))
     stem.with_suffix(".md").write_text(text + "\n")
     chart(doc, stem.with_suffix(".png"))
     print(f"wrote {stem}.json, .md and .png")
