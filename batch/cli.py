@@ -203,7 +203,7 @@ def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: 
     """Run with the reporter that fits the terminal; map errors to one line and an exit code:
     2 invalid spec or input, 3 another run holds the output, 1 any other failure, 130 Ctrl-C.
     """
-    from batch.checkpoint import LeaseHeld
+    from batch.errors import LeaseHeld
     from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
 
     reporter: NullReporter | JsonLogReporter | RichReporter
@@ -407,19 +407,19 @@ def ledger(
 
       batchinfer ledger jobs/enrich.yaml --reprice --set ledger.cpu_hour_usd=0.05
     """
-    from batch import commit, storage
+    from batch import storage, store
     from batch.report import chart_png, print_table, to_markdown
 
     _configure_logging(False, False)
     spec = _spec_or_exit(target, set_ or [], storage_options)
-    doc = commit.read_output_json(spec, commit.LEDGER)
+    doc = store.read_output_json(spec, store.LEDGER)
     if doc is None:
         _fail(f"{spec.output.path}: no ledger.json yet (the job has not finished a run)", 1)
         return
     if reprice:
         from batch.ledger import build_ledger
 
-        markers = commit.read_markers(spec, commit.list_markers(spec))
+        markers = store.read_markers(spec, store.list_markers(spec))
         per_acc = doc["gpu_seconds"] / max(1e-9, _accelerators(spec))
         try:
             doc = build_ledger(
@@ -432,7 +432,7 @@ def ledger(
         except BatchInferError as exc:
             _fail(str(exc), 2)
             return
-        commit.write_json(spec, commit.LEDGER, doc, create_only=False)
+        store.write_json(spec, store.LEDGER, doc, create_only=False)
     if as_json:
         typer.echo(json.dumps(doc, indent=2))
         return

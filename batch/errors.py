@@ -43,6 +43,10 @@ class SpecError(TerminalError):
     """The job spec is invalid. The message names the YAML path and what to change."""
 
 
+class LeaseHeld(TerminalError):
+    """Another run holds the output's lease."""
+
+
 class ConfigurationError(TerminalError):
     """The environment cannot run this job (missing package, no such model directory, ...)."""
 

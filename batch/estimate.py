@@ -170,10 +170,10 @@ def _measure(spec: JobSpec, plan: planning.Plan, n: int) -> dict[str, Any]:
         scratch = JobSpec.model_validate(doc)
         t0 = time.time()
         summary = run_job(scratch, NullReporter())
-        from batch import commit
+        from batch import store
 
-        markers = commit.read_markers(scratch, commit.list_markers(scratch))
-        ledger = commit.read_output_json(scratch, commit.LEDGER) or {}
+        markers = store.read_markers(scratch, store.list_markers(scratch))
+        ledger = store.read_output_json(scratch, store.LEDGER) or {}
     loads = [m["engine"]["ready"] - m["engine"]["created"] for m in markers if m.get("engine")]
     return {
         "rows": summary.rows,

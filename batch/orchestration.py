@@ -19,7 +19,7 @@ from datetime import UTC, datetime, time
 from pathlib import Path
 from typing import Any
 
-from batch import cluster, commit
+from batch import cluster, store
 from batch.cluster import make_run_id, resolved_path
 from batch.errors import BatchInferError, TerminalError
 from batch.spec import JobSpec, load_spec
@@ -95,15 +95,15 @@ def result_summary(spec: JobSpec) -> dict[str, Any]:
     ledger's totals. Read from the output with the spec's storage options. Raises
     OutputIncomplete when there is no manifest.
     """
-    manifest = commit.read_output_json(spec, commit.MANIFEST)
+    manifest = store.read_output_json(spec, store.MANIFEST)
     if manifest is None:
         raise OutputIncomplete(
-            f"{output_uri(spec, commit.MANIFEST)} does not exist: the run did not finish this "
+            f"{output_uri(spec, store.MANIFEST)} does not exist: the run did not finish this "
             "output (if the cluster reports the run SUCCEEDED, its output was removed or moved "
             "since: delete that Ray job, `ray job delete <submission id>`, or give the task "
             "another run_tag, to run it again)"
         )
-    ledger = commit.read_output_json(spec, commit.LEDGER) or {}
+    ledger = store.read_output_json(spec, store.LEDGER) or {}
     batch_prices = [
         c for c in ledger.get("comparisons", []) if isinstance(c.get("batch_usd"), int | float)
     ]
@@ -113,7 +113,7 @@ def result_summary(spec: JobSpec) -> dict[str, Any]:
         return ledger.get(key, manifest.get(key))
 
     return {
-        "manifest": output_uri(spec, commit.MANIFEST),
+        "manifest": output_uri(spec, store.MANIFEST),
         "rows": total("rows"),
         "failed_rows": total("failed_rows"),
         "input_tokens": total("input_tokens"),

@@ -21,13 +21,13 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from batch import checkpoint, prompt, storage
+from batch import prompt, storage, store
 from batch.errors import SpecError
 from batch.spec import JobSpec
+from batch.store import MARKERS, Chunk
 
 log = logging.getLogger(__name__)
 
-MARKERS = "_markers"
 _GLOB = re.compile(r"[*?\[]")
 
 
@@ -36,20 +36,6 @@ class InputFile:
     path: str  # as the filesystem names it (no protocol)
     relpath: str  # relative to the input root; what chunk ids are made of
     num_rows: int
-
-
-@dataclass(frozen=True, slots=True)
-class Chunk:
-    chunk_id: str
-    path: str
-    relpath: str
-    row_start: int
-    row_end: int
-    retry_of: str | None = None  # for retry-failed: the _failed/ part (relative to the output)
-
-    @property
-    def rows(self) -> int:
-        return self.row_end - self.row_start
 
 
 @dataclass
@@ -154,8 +140,8 @@ def plan_chunks(
     chunks = list(cut_chunks(files, spec.resources.rows_per_chunk))
     plan = Plan(files=files, chunks=chunks, done=done, schema=schema or pa.schema([]),
                 protocol=protocol)  # fmt: skip
-    plan.listing = checkpoint.listing_digest([(f.relpath, f.num_rows) for f in files])
-    plan.fingerprint = checkpoint.job_fingerprint(spec, plan.listing)
+    plan.listing = store.listing_digest([(f.relpath, f.num_rows) for f in files])
+    plan.fingerprint = store.job_fingerprint(spec, plan.listing)
     plan.pending = [c for c in chunks if c.chunk_id not in done]
     return plan
 

@@ -25,7 +25,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch import checkpoint, commit, cpus, storage
+from batch import cpus, storage, store
 from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
 from batch.errors import BatchInferError, TerminalError
@@ -91,9 +91,9 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
     table = planning.read_chunk(spec, chunk, protocol)
     prior: list[int] = []
     if chunk.retry_of:
-        if commit.ATTEMPT in table.column_names:
-            prior = [int(a or 0) for a in table[commit.ATTEMPT].to_pylist()]
-        drop = [c for c in (commit.ERROR_CLASS, commit.ERROR_MESSAGE, commit.ATTEMPT)
+        if store.ATTEMPT in table.column_names:
+            prior = [int(a or 0) for a in table[store.ATTEMPT].to_pylist()]
+        drop = [c for c in (store.ERROR_CLASS, store.ERROR_MESSAGE, store.ATTEMPT)
                 if c in table.column_names]  # fmt: skip
         table = table.drop_columns(drop)
     t1 = time.perf_counter()
@@ -240,7 +240,7 @@ class EngineStage:
         while True:
             # An object-store write: off the event loop, which other chunks' results share.
             attempt = await asyncio.to_thread(
-                checkpoint.begin_attempt,
+                store.begin_attempt,
                 self.fs,
                 self.root,
                 chunk_id,
@@ -282,7 +282,7 @@ def commit_work(row: dict[str, Any], spec_json: str, fingerprint: str) -> dict[s
     t0 = time.perf_counter()
     data, failed = build_tables(spec, work, load_pipeline(spec))
     extra = {"engine": work.engine, "timings": work.timings}
-    marker = commit.commit_chunk(
+    marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts
     )
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
@@ -308,14 +308,14 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
     fail_keys = sorted(failures)
     failed = table.take(pa.array(fail_keys, pa.int64()))
     failed = failed.append_column(
-        commit.ERROR_CLASS, pa.array([failures[k][0] for k in fail_keys], pa.string())
+        store.ERROR_CLASS, pa.array([failures[k][0] for k in fail_keys], pa.string())
     )
     failed = failed.append_column(
-        commit.ERROR_MESSAGE, pa.array([failures[k][1] for k in fail_keys], pa.string())
+        store.ERROR_MESSAGE, pa.array([failures[k][1] for k in fail_keys], pa.string())
     )
     prior = work.prior_attempts or [0] * table.num_rows
     failed = failed.append_column(
-        commit.ATTEMPT,
+        store.ATTEMPT,
         pa.array([prior[k] + max(1, work.attempts) for k in fail_keys], pa.int16()),
     )
     return base, failed
@@ -356,16 +356,13 @@ def ray_session(
         # Ray's C++ core logs warnings (e.g. about actor restarts) straight to stderr, through
         # the progress bar; the driver only needs its errors, which reach it as exceptions.
         os.environ.setdefault("RAY_BACKEND_LOG_LEVEL", "fatal")
+    processes: Any = contextlib.nullcontext(lambda: None)
     if address:
         kwargs["address"] = address
-        ray.init(**kwargs)
-        try:
-            yield None
-        finally:
-            ray.shutdown()
-        return
-    kwargs["include_dashboard"] = False
-    with cpus.local_session() as session:
+    else:
+        kwargs["include_dashboard"] = False
+        processes = cpus.local_session()
+    with processes as session:
         ray.init(**kwargs)
         try:
             yield session()
@@ -476,7 +473,7 @@ def run_job(
     pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
     usd_per_hour = ledger.check(spec)  # and on a bad price override or comparator
     plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
-    record = checkpoint.job_record(
+    record = store.job_record(
         spec,
         fingerprint=plan.fingerprint,
         listing=plan.listing,
@@ -484,13 +481,13 @@ def run_job(
         rows=plan.total_rows,
         chunks=len(plan.chunks),
     )
-    checkpoint.ensure_job_record(spec, record)  # refuses an output made by another spec
+    store.ensure_job_record(spec, record)  # refuses an output made by another spec
     reporter.planned(planning.describe(plan))
-    manifest = commit.read_output_json(spec, commit.MANIFEST)
+    manifest = store.read_output_json(spec, store.MANIFEST)
     if manifest is not None and not plan.pending:
         reporter.message("output already complete; nothing to do")
         return _summary_from(spec, manifest, plan, already_complete=True)
-    with checkpoint.hold_lease(spec, ttl=lease_ttl, wait=wait):
+    with store.hold_lease(spec, ttl=lease_ttl, wait=wait):
         if wait:  # the run we waited for may have committed chunks meanwhile
             plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
         return _run_pending(
@@ -540,17 +537,17 @@ def _run_pending(
                 reap(engines)
     else:
         released = time.time()
-    markers = commit.read_markers(spec, commit.list_markers(spec))
+    markers = store.read_markers(spec, store.list_markers(spec))
     gpu_seconds = sum(released - e["created"] for e in engines.values() if e.get("created"))
     wall = time.time() - started
     ledger = build_ledger(
         spec, markers, wall_seconds=wall, gpu_seconds=gpu_seconds, engines=len(engines)
     )
-    commit.write_json(spec, commit.LEDGER, ledger, create_only=False)
+    store.write_json(spec, store.LEDGER, ledger, create_only=False)
     manifest_doc = _manifest(spec, plan, markers, started)
     if rewrite_manifest:  # retry-failed changed a complete output, under the lease
-        commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=False)
-    elif not commit.write_json(spec, commit.MANIFEST, manifest_doc, create_only=True):
+        store.write_json(spec, store.MANIFEST, manifest_doc, create_only=False)
+    elif not store.write_json(spec, store.MANIFEST, manifest_doc, create_only=True):
         log.info("the manifest was already written by another run of this job")
     summary = RunSummary(
         job=spec.name,
@@ -596,17 +593,17 @@ def retry_failed(
     """
     started = time.time()
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    record = checkpoint.read_job_record(fs, root)
+    record = store.read_job_record(fs, root)
     if record is None:
         raise TerminalError(
-            f"{spec.output.path} holds no batchinfer job (no {checkpoint.JOB_RECORD})"
+            f"{spec.output.path} holds no batchinfer job (no {store.JOB_RECORD})"
         )
-    with checkpoint.hold_lease(spec, ttl=lease_ttl, wait=wait):
-        markers = commit.read_markers(spec, commit.list_markers(spec))
-        cleaned = commit.clean_superseded(spec, markers)
+    with store.hold_lease(spec, ttl=lease_ttl, wait=wait):
+        markers = store.read_markers(spec, store.list_markers(spec))
+        cleaned = store.clean_superseded(spec, markers)
         if cleaned:
             log.info("finished %d retries that were cut short", cleaned)
-        parts = sorted(commit.live_failed_parts(markers))
+        parts = sorted(store.live_failed_parts(markers))
         chunks = []
         files = []
         for part in parts:
@@ -617,7 +614,7 @@ def retry_failed(
         plan = planning.Plan(files=files, chunks=chunks, done=set(), schema=pa.schema([]),
                              protocol="file")  # fmt: skip
         plan.pending = list(chunks)
-        plan.fingerprint = checkpoint.job_fingerprint(spec, str(record["input"]["listing"]))
+        plan.fingerprint = store.job_fingerprint(spec, str(record["input"]["listing"]))
         reporter.planned(planning.describe(plan))
         return _run_pending(
             spec, plan, reporter, started, address=address, verbose=verbose,
@@ -630,7 +627,7 @@ def _manifest(
 ) -> dict[str, Any]:
     from batch import __version__
 
-    live = commit.live_failed_parts(markers)
+    live = store.live_failed_parts(markers)
     return {
         "job": spec.name,
         "fingerprint": plan.fingerprint,
@@ -652,7 +649,7 @@ def _manifest(
 def _summary_from(
     spec: JobSpec, manifest: dict[str, Any], plan: planning.Plan, *, already_complete: bool
 ) -> RunSummary:
-    ledger = commit.read_output_json(spec, commit.LEDGER) or {}
+    ledger = store.read_output_json(spec, store.LEDGER) or {}
     return RunSummary(
         job=spec.name,
         output=spec.output.path,

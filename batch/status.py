@@ -10,22 +10,22 @@ import json
 import time
 from typing import Any
 
-from batch import checkpoint, commit, storage
+from batch import storage, store
 from batch.spec import JobSpec, parse_spec
 
 
 def output_status(spec: JobSpec) -> dict[str, Any]:
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    record = checkpoint.read_job_record(fs, root)
+    record = store.read_job_record(fs, root)
     if record is None:
         return {"output": spec.output.path, "state": "empty", "chunks_done": 0}
-    markers = commit.read_markers(spec, commit.list_markers(spec))
-    live = commit.live_failed_parts(markers)
+    markers = store.read_markers(spec, store.list_markers(spec))
+    live = store.live_failed_parts(markers)
     chunk_markers = [m for m in markers if not m.get("supersedes")]
-    manifest = commit.read_output_json(spec, commit.MANIFEST)
-    lease = checkpoint.current_lease(fs, root)
+    manifest = store.read_output_json(spec, store.MANIFEST)
+    lease = store.current_lease(fs, root)
     lease_doc = lease[1] if lease else None
-    running = bool(lease_doc and checkpoint.lease_is_live(lease_doc))
+    running = bool(lease_doc and store.lease_is_live(lease_doc))
     last = max((float(m.get("committed_at", 0)) for m in markers), default=record["created_at"])
     end = manifest["finished_at"] if manifest else (time.time() if running else last)
     total = int(record.get("chunks", 0))
@@ -49,7 +49,7 @@ def output_status(spec: JobSpec) -> dict[str, Any]:
         "started_at": record["created_at"],
         "elapsed_seconds": round(end - record["created_at"], 1),
         "lease": (
-            {"held": running, "holder": checkpoint.describe_holder(lease_doc)}
+            {"held": running, "holder": store.describe_holder(lease_doc)}
             if lease_doc
             else None
         ),
@@ -61,12 +61,12 @@ def spec_from_output(
 ) -> JobSpec | None:
     """The job spec stored in an output, with the caller's storage options and overrides."""
     fs, root = storage.open_fs(output, storage_options)
-    record = checkpoint.read_job_record(fs, root)
+    record = store.read_job_record(fs, root)
     if record is None:
         return None
     doc = record["spec"]
     doc["output"]["path"] = output
     doc["output"]["storage_options"] = storage_options
     doc["input"]["storage_options"] = storage_options
-    return parse_spec(json.dumps(doc), source=f"{output}/{checkpoint.JOB_RECORD}",
+    return parse_spec(json.dumps(doc), source=f"{output}/{store.JOB_RECORD}",
                       overrides=overrides)  # fmt: skip

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 
-from batch import cluster, commit, orchestration
+from batch import cluster, orchestration, store
 from batch.spec import JobSpec
 from tests.conftest import write_job
 
@@ -64,8 +64,8 @@ def job(tmp_path: Path) -> Path:
 def finished_output(out: Path, *, ledger: dict[str, Any] | None = None) -> None:
     """What a finished run leaves for the payload: a manifest and a ledger (the contract)."""
     out.mkdir(parents=True, exist_ok=True)
-    (out / commit.MANIFEST).write_text(json.dumps({"rows": 14, "failed_rows": 2}))
-    (out / commit.LEDGER).write_text(json.dumps(ledger if ledger is not None else LEDGER))
+    (out / store.MANIFEST).write_text(json.dumps({"rows": 14, "failed_rows": 2}))
+    (out / store.LEDGER).write_text(json.dumps(ledger if ledger is not None else LEDGER))
 
 
 # ============================================================== without Airflow

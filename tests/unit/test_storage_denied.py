@@ -21,7 +21,7 @@ from fsspec.implementations.local import LocalFileSystem
 from fsspec.registry import _registry
 from s3fs.errors import translate_boto_error
 
-from batch import checkpoint, commit, storage
+from batch import storage, store
 from batch.spec import JobSpec, parse_spec
 
 PROTOCOL = "refusing"
@@ -92,32 +92,32 @@ prompt: {{template: "{{{{ body }}}}"}}
 
 
 def record(s: JobSpec) -> dict[str, Any]:
-    fp = checkpoint.job_fingerprint(s, "abc")
-    return checkpoint.job_record(s, fingerprint=fp, listing="abc", files=1, rows=10, chunks=1)
+    fp = store.job_fingerprint(s, "abc")
+    return store.job_record(s, fingerprint=fp, listing="abc", files=1, rows=10, chunks=1)
 
 
 def test_first_run_and_resume_where_missing_objects_are_access_denied(tmp_path: Path) -> None:
     s = spec(f"{PROTOCOL}://{tmp_path}/out")
     fs, root = storage.open_fs(s.output.path, s.output.storage_options)
-    job_path = storage.join(root, checkpoint.JOB_RECORD)
+    job_path = storage.join(root, store.JOB_RECORD)
     with pytest.raises(PermissionError):
         fs.exists(job_path)  # what a plain existence check does here
 
-    assert checkpoint.read_job_record(fs, root) is None  # a first run: no record yet
-    assert commit.read_output_json(s, commit.MANIFEST) is None
+    assert store.read_job_record(fs, root) is None  # a first run: no record yet
+    assert store.read_output_json(s, store.MANIFEST) is None
     assert not storage.exists(fs, job_path)
-    rec = checkpoint.ensure_job_record(s, record(s))
+    rec = store.ensure_job_record(s, record(s))
 
     # The next run finds what the first one wrote.
-    found = checkpoint.read_job_record(fs, root)
+    found = store.read_job_record(fs, root)
     assert found is not None and found["fingerprint"] == rec["fingerprint"]
     assert storage.exists(fs, job_path)
-    assert commit.write_json(s, commit.MANIFEST, {"rows": 10}, create_only=True)
-    assert commit.read_output_json(s, commit.MANIFEST) == {"rows": 10}
-    commit.write_json(s, commit.LEDGER, {"rows": 9}, create_only=False)
-    commit.write_json(s, commit.LEDGER, {"rows": 10}, create_only=False)
-    assert commit.read_output_json(s, commit.LEDGER) == {"rows": 10}
-    assert commit.list_markers(s) == []
+    assert store.write_json(s, store.MANIFEST, {"rows": 10}, create_only=True)
+    assert store.read_output_json(s, store.MANIFEST) == {"rows": 10}
+    store.write_json(s, store.LEDGER, {"rows": 9}, create_only=False)
+    store.write_json(s, store.LEDGER, {"rows": 10}, create_only=False)
+    assert store.read_output_json(s, store.LEDGER) == {"rows": 10}
+    assert store.list_markers(s) == []
 
 
 def test_retries_cut_short_are_finished_and_removed_parts_are_skipped(tmp_path: Path) -> None:
@@ -130,7 +130,7 @@ def test_retries_cut_short_are_finished_and_removed_parts_are_skipped(tmp_path: 
         {"supersedes": "_failed/part-b.parquet"},  # finished: removed long ago (403 on S3)
         {"failed_part": "_failed/part-c.parquet", "supersedes": None},
     ]
-    assert commit.clean_superseded(s, markers) == 1
+    assert store.clean_superseded(s, markers) == 1
     assert sorted(p.name for p in (tmp_path / "out" / "_failed").iterdir()) == ["part-c.parquet"]
 
 
@@ -140,25 +140,25 @@ def test_a_refused_listing_fails_naming_the_path_and_the_permission(tmp_path: Pa
     fs, root = storage.open_fs(s.output.path, s.output.storage_options)
 
     with pytest.raises(PermissionError) as info:
-        checkpoint.read_job_record(fs, root)
+        store.read_job_record(fs, root)
     msg = str(info.value)
     assert f"cannot tell whether {PROTOCOL}://{out}/_job.json exists" in msg
     assert f"listing {PROTOCOL}://{out}/ (Access Denied)" in msg
     assert "permission to list" in msg
     # Nor is a refused listing of the markers taken for "nothing committed yet".
     with pytest.raises(PermissionError, match=f"listing {PROTOCOL}://{out}/_markers/ was refused"):
-        commit.list_markers(s)
+        store.list_markers(s)
 
 
 def test_an_object_that_is_there_but_unreadable_is_not_taken_for_missing(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    s = spec(f"{PROTOCOL}://{out}", refuse_reading=[str(out / commit.MANIFEST)])
+    s = spec(f"{PROTOCOL}://{out}", refuse_reading=[str(out / store.MANIFEST)])
     fs, root = storage.open_fs(s.output.path, s.output.storage_options)
-    assert commit.write_json(s, commit.MANIFEST, {"rows": 1}, create_only=True)
+    assert store.write_json(s, store.MANIFEST, {"rows": 1}, create_only=True)
 
-    assert storage.exists(fs, storage.join(root, commit.MANIFEST))
+    assert storage.exists(fs, storage.join(root, store.MANIFEST))
     with pytest.raises(PermissionError, match=r"_MANIFEST.json is there but reading it was"):
-        commit.read_output_json(s, commit.MANIFEST)
+        store.read_output_json(s, store.MANIFEST)
 
 
 # --------------------------------------------------------------------------- real s3fs
@@ -251,32 +251,32 @@ def prefix_only_s3(*list_prefixes: str) -> PrefixOnlyS3:
 def test_s3_prefix_only_role_first_run_resume_and_ledger() -> None:
     s3 = prefix_only_s3()
     root = "bkt/out/enrich"
-    job_path = f"{root}/{checkpoint.JOB_RECORD}"
+    job_path = f"{root}/{store.JOB_RECORD}"
     with pytest.raises(PermissionError):
         s3.exists(job_path)  # s3fs as it is: the 403 for a missing key
 
-    assert checkpoint.read_job_record(s3, root) is None
-    assert storage.read_json_or_none(s3, f"{root}/{commit.MANIFEST}") is None
+    assert store.read_job_record(s3, root) is None
+    assert storage.read_json_or_none(s3, f"{root}/{store.MANIFEST}") is None
     assert storage.list_files(s3, f"{root}/_markers", ".json") == []
     assert storage.create_only(s3, job_path, b'{"fingerprint": "f1"}')
     assert not storage.create_only(s3, job_path, b'{"fingerprint": "f1"}')  # a second run
-    assert checkpoint.read_job_record(s3, root) == {"fingerprint": "f1"}
+    assert store.read_job_record(s3, root) == {"fingerprint": "f1"}
     assert storage.exists(s3, job_path)
 
     # The ledger is rewritten on every run. makedirs, as it used to be written, probes the
     # bucket and then tries CreateBucket, both refused to this role.
     with pytest.raises(PermissionError):
         s3.makedirs(root, exist_ok=True)
-    storage.overwrite(s3, f"{root}/{commit.LEDGER}", b'{"rows": 1}')
-    storage.overwrite(s3, f"{root}/{commit.LEDGER}", b'{"rows": 2}')
-    assert storage.read_json(s3, f"{root}/{commit.LEDGER}") == {"rows": 2}
+    storage.overwrite(s3, f"{root}/{store.LEDGER}", b'{"rows": 1}')
+    storage.overwrite(s3, f"{root}/{store.LEDGER}", b'{"rows": 2}')
+    assert storage.read_json(s3, f"{root}/{store.LEDGER}") == {"rows": 2}
 
 
 def test_s3_role_that_may_not_list_the_output_is_told_what_to_grant() -> None:
     s3 = prefix_only_s3("inputs", "inputs/", "inputs/*")  # the output prefix left out
 
     with pytest.raises(PermissionError) as info:
-        checkpoint.read_job_record(s3, "bkt/out/enrich")
+        store.read_job_record(s3, "bkt/out/enrich")
     msg = str(info.value)
     assert "cannot tell whether s3://bkt/out/enrich/_job.json exists" in msg
     assert "s3:ListBucket on arn:aws:s3:::bkt for the prefix 'out/enrich/'" in msg
