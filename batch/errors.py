@@ -47,6 +47,10 @@ class LeaseHeld(TerminalError):
     """Another run holds the output's lease."""
 
 
+class InputChanged(TerminalError):
+    """An input file changed while the job ran (or since it was planned)."""
+
+
 class ConfigurationError(TerminalError):
     """The environment cannot run this job (missing package, no such model directory, ...)."""
 
