@@ -6,7 +6,7 @@ the file's path relative to the input root and the range, so the plan after a cr
 plan before it, and no id column is needed to resume. Chunks whose marker exists in the
 output are done; the plan reads only listings and footers, never row data.
 
-Each file's identity (its size and a digest of its Parquet footer) is part of the input
+Each file's identity (rows, size and a digest of its Parquet footer) is part of the input
 listing digest, so a file rewritten with the same row count changes the job fingerprint; a copy
 that only changes the modification time does not. :func:`read_chunk` checks that a chunk still
 reads the rows the plan cut (and, given the identity, that the file is the planned one), so a
@@ -42,7 +42,7 @@ class InputFile:
     path: str  # as the filesystem names it (no protocol)
     relpath: str  # relative to the input root; what chunk ids are made of
     num_rows: int
-    # "<size>:<footer digest>": changes when the file is rewritten, not when it is copied.
+    # "<rows>:<size>:<footer digest>": changes when the file is rewritten, not when copied.
     # Empty for files whose identity is not tracked (retry-failed's parts).
     identity: str = ""
 

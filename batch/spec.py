@@ -24,6 +24,42 @@ from batch.errors import SpecError
 
 BUILTIN_PIPELINES = ("generate", "embed")
 
+# vLLM engine arguments that change only speed, memory or placement, never what a row becomes:
+# left out of the job fingerprint, so a resume may change them (lower gpu_memory_utilization to
+# get past an out-of-memory error, say). Every other engine argument (dtype, max_model_len,
+# quantization, kv_cache_dtype, tokenizer, revision, seed, ...) counts: it may change outputs.
+SPEED_ONLY_ENGINE_ARGS = frozenset(
+    {
+        "gpu_memory_utilization",
+        "enforce_eager",
+        "max_num_seqs",
+        "max_num_batched_tokens",
+        "tensor_parallel_size",
+        "pipeline_parallel_size",
+        "data_parallel_size",
+        "distributed_executor_backend",
+        "swap_space",
+        "cpu_offload_gb",
+        "block_size",
+        "num_gpu_blocks_override",
+        "kv_cache_memory_bytes",
+        "enable_prefix_caching",
+        "enable_chunked_prefill",
+        "max_num_partial_prefills",
+        "max_long_partial_prefills",
+        "long_prefill_token_threshold",
+        "num_scheduler_steps",
+        "max_seq_len_to_capture",
+        "max_parallel_loading_workers",
+        "disable_custom_all_reduce",
+        "disable_log_stats",
+        "disable_log_requests",
+        "enable_log_requests",
+        "download_dir",
+        "use_tqdm_on_load",
+    }
+)
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -80,7 +116,11 @@ class ModelSpec(_Spec):
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
         description="Passed through to vLLM's engine arguments (max_model_len, dtype, "
-        "enforce_eager, gpu_memory_utilization, ...).",
+        "enforce_eager, gpu_memory_utilization, ...). A resume must keep the ones that can "
+        "change outputs (dtype, max_model_len, quantization, ...); those that change only speed "
+        "or memory (gpu_memory_utilization, enforce_eager, max_num_seqs, max_num_batched_tokens,"
+        " tensor_parallel_size, block_size, swap_space, ...: batch.spec.SPEED_ONLY_ENGINE_ARGS)"
+        " may change between runs.",
     )
     fake_options: dict[str, Any] = Field(
         default_factory=dict,
@@ -280,6 +320,11 @@ class JobSpec(_Spec):
             include={"input", "model", "pipeline", "pipeline_options", "prompt", "sampling"},
         )
         relevant["input"].pop("storage_options", None)
+        relevant["model"]["engine_args"] = {
+            k: v
+            for k, v in relevant["model"]["engine_args"].items()
+            if k.replace("-", "_") not in SPEED_ONLY_ENGINE_ARGS
+        }
         relevant["pipeline"] = self.pipeline_name
         relevant["resources"] = {"rows_per_chunk": self.resources.rows_per_chunk}
         return relevant

@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from batch import storage
+from batch import storage, store
 from batch.errors import InputChanged, SpecError
 from batch.plan import check_unchanged, make_plan, read_chunk
 from batch.spec import JobSpec, parse_spec
@@ -191,3 +191,41 @@ def test_a_glob_that_matches_nothing_says_so(tmp_path: Path) -> None:
     spec = spec_for(f"{tmp_path}/in/*.parquet", tmp_path / "out")
     with pytest.raises(SpecError, match="no Parquet files"):
         make_plan(spec)
+
+
+# --------------------------------------------------------------------------- what a resume says
+
+
+def _record(spec: JobSpec) -> dict[str, object]:
+    plan = make_plan(spec)
+    return store.job_record(
+        spec, fingerprint=plan.fingerprint, listing=plan.listing, files=len(plan.files),
+        rows=plan.total_rows, chunks=len(plan.chunks),
+    )  # fmt: skip
+
+
+def test_a_resume_after_a_same_size_rewrite_is_refused_as_an_input_change(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    write(root / "a.parquet", range(20), body="first")
+    spec = spec_for(root, tmp_path / "out")
+    store.ensure_job_record(spec, _record(spec))
+    write(root / "a.parquet", range(20), body="other")
+    with pytest.raises(SpecError) as info:
+        store.ensure_job_record(spec, _record(spec))
+    msg = str(info.value)
+    assert "changed: input listing" in msg and "--set output.path=" in msg
+
+
+def test_a_resume_with_less_gpu_memory_is_accepted(tmp_path: Path) -> None:
+    root = tmp_path / "in"
+    write(root / "a.parquet", range(20))
+    spec = spec_for(root, tmp_path / "out")
+    store.ensure_job_record(spec, _record(spec))
+    lower = parse_spec(
+        spec.model_dump_json(),
+        overrides=["model.engine_args.gpu_memory_utilization=0.5"],
+    )
+    store.ensure_job_record(lower, _record(lower))  # no SpecError: same job
+    other = parse_spec(spec.model_dump_json(), overrides=["model.engine_args.dtype=float16"])
+    with pytest.raises(SpecError, match=r"model\.engine_args\.dtype"):
+        store.ensure_job_record(other, _record(other))

@@ -129,6 +129,27 @@ def test_fingerprint_ignores_where_output_goes_but_not_the_prompt() -> None:
     assert a.fingerprint() != c.fingerprint()
 
 
+def test_speed_only_engine_args_may_change_on_resume_but_not_dtype() -> None:
+    """Lowering gpu_memory_utilization (or eager mode, batch limits) to get past an OOM keeps
+    the job's fingerprint, so the resume is accepted; a different dtype changes outputs."""
+    a = parse_spec(GOOD)
+    speed = parse_spec(
+        GOOD,
+        overrides=[
+            "model.engine_args.gpu_memory_utilization=0.5",
+            "model.engine_args.enforce_eager=true",
+            "model.engine_args.max_num_seqs=8",
+            "model.engine_args.tensor_parallel_size=2",
+        ],
+    )
+    dtype = parse_spec(GOOD, overrides=["model.engine_args.dtype=float16"])
+    length = parse_spec(GOOD, overrides=["model.engine_args.max_model_len=4096"])
+    assert speed.fingerprint() == a.fingerprint()
+    assert dtype.fingerprint() != a.fingerprint()
+    assert length.fingerprint() != a.fingerprint()
+    assert speed.fingerprint_fields()["model"]["engine_args"] == {"max_model_len": 2048}
+
+
 def test_every_field_is_described() -> None:
     rows = describe_fields()
     assert all(desc for _, _, desc in rows), [p for p, _, d in rows if not d]
