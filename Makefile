@@ -33,15 +33,17 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/mypy
 
+# -ra: every skipped test is listed with its reason at the end (tests/realparts.py: under CI,
+# or with BATCHINFER_REQUIRE_REAL=1, a missing SeaweedFS, Ray, vLLM or model fails instead).
 unit: setup
-	$(BIN)/python -m pytest -q tests/unit
+	$(BIN)/python -m pytest -q -ra tests/unit
 
 integration: setup
-	$(BIN)/python -m pytest -q tests/integration
+	$(BIN)/python -m pytest -q -ra tests/integration
 
 # The offline Terraform checks (tests/infra): neither `unit` nor `integration` runs them.
 infra: setup
-	$(BIN)/python -m pytest -q tests/infra
+	$(BIN)/python -m pytest -q -ra tests/infra
 
 # pytest exits 5 when it collected no tests; make treats that (any non-zero) as a failure.
 test: lint

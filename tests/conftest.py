@@ -9,11 +9,12 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import pytest
 
 from batch.demo import write_reviews
+from tests import realparts
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -108,3 +109,51 @@ def pytest_sessionfinish(session: pytest.Session) -> None:
 def _signal_group(pgid: int, sig: signal.Signals) -> None:
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, sig)
+
+
+# --------------------------------------------------------------------------- skips, visibly
+# A skipped test passes silently; so the end of every run says how many tests did not run, how
+# many of those for a missing real part (tests/realparts.py), and whether that was allowed.
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    stats = terminalreporter.stats
+    skipped = [r for r in stats.get("skipped", []) if getattr(r, "when", "") != "teardown"]
+    missing_skips = [r for r in skipped if _reason(r).startswith(realparts.PREFIX)]
+    failed = [*stats.get("failed", []), *stats.get("error", [])]
+    missing_fails = [r for r in failed if _reason(r).startswith(realparts.PREFIX)]
+    if not (skipped or missing_fails):
+        return
+    write = terminalreporter.write_line
+    terminalreporter.section("skips and real parts")
+    if skipped:
+        write(
+            f"{len(skipped)} test(s) skipped, {len(missing_skips)} of them for a missing real "
+            "part (reasons in the SKIPPED lines below)"
+        )
+    if missing_fails:
+        parts = sorted({_part(r) for r in missing_fails})
+        write(
+            f"{len(missing_fails)} test(s) FAILED for a missing real part ({', '.join(parts)}): "
+            "CI/BATCHINFER_REQUIRE_REAL requires every part",
+            red=True,
+        )
+    elif missing_skips:
+        parts = sorted({_part(r) for r in missing_skips})
+        write(
+            f"not run for want of: {', '.join(parts)}; under CI (or BATCHINFER_REQUIRE_REAL=1) "
+            "these fail",
+            yellow=True,
+        )
+
+
+def _reason(report: pytest.TestReport) -> str:
+    """The skip reason, or the failure's text (just the message for pytest.fail(pytrace=False))."""
+    longrepr = report.longrepr
+    if isinstance(longrepr, tuple):  # a skip: (path, line, "Skipped: reason")
+        return str(longrepr[2]).removeprefix("Skipped: ")
+    return str(longrepr)
+
+
+def _part(report: pytest.TestReport) -> str:
+    return _reason(report).removeprefix(realparts.PREFIX).split(":", 1)[0]

