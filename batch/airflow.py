@@ -126,6 +126,12 @@ class BatchInferOperator(BaseOperator):
     :param batchinfer_bin: The ``batchinfer`` executable for local runs: one installed with
         an engine (``pip install batchinfer[gpu]`` or ``[cpu]``), e.g. ``/opt/bi/bin/batchinfer``.
         Templated.
+    :param env_from_worker: With a cluster address: names of environment variables copied
+        from the worker into the Ray job's environment (``--env-from-local``), e.g.
+        ``["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]``. Prefer the cluster's own identity.
+    :param credentials_to_env: With a cluster address: send credentials written in the job's
+        ``storage_options`` in the Ray job's environment (``--credentials-to-env``); without
+        it such a job fails, as no credential is written into the job's files on the cluster.
 
     Returns (XCom ``return_value``) only the manifest's URI and the ledger's totals:
     ``manifest``, ``rows``, ``failed_rows``, ``input_tokens``, ``output_tokens``,
@@ -147,6 +153,8 @@ class BatchInferOperator(BaseOperator):
         poll_interval: float = 10.0,
         wait: bool = True,
         batchinfer_bin: str = "batchinfer",
+        env_from_worker: Sequence[str] = (),
+        credentials_to_env: bool = False,
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
@@ -158,6 +166,8 @@ class BatchInferOperator(BaseOperator):
         self.poll_interval = poll_interval
         self.wait = wait
         self.batchinfer_bin = batchinfer_bin
+        self.env_from_worker = list(env_from_worker)
+        self.credentials_to_env = credentials_to_env
         self._remote: cluster.RemoteRun | None = None
         self._proc: subprocess.Popen[str] | None = None
 
@@ -235,7 +245,8 @@ class BatchInferOperator(BaseOperator):
         try:
             run = cluster.submit_remote(
                 address, self.job, orchestration.overrides_list(self.overrides),
-                run_id=rid, wait=self.wait,
+                run_id=rid, wait=self.wait, pass_env=self.env_from_worker,
+                credentials_to_env=self.credentials_to_env,
             )  # fmt: skip
             state = cluster.remote_state(address, run.submission_id)
         except (SpecError, ConfigurationError) as exc:

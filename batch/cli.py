@@ -6,10 +6,8 @@ Heavy modules (Ray, vLLM, torch) are imported inside the commands that need them
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import re
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -133,6 +131,24 @@ def submit(
             "without --detach.",
         ),
     ] = False,
+    env_from_local: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env-from-local",
+            help="With an http:// address: copy this environment variable from here into the "
+            "job's environment on the cluster, e.g. AWS_ACCESS_KEY_ID (repeatable). Ray keeps "
+            "it with the job (see docs/cluster.md); prefer the cluster's own identity.",
+            metavar="NAME",
+        ),
+    ] = None,
+    credentials_to_env: Annotated[
+        bool,
+        typer.Option(
+            "--credentials-to-env",
+            help="With an http:// address: send the credentials in storage_options in the job's "
+            "environment instead of refusing the job (they are never written into its files).",
+        ),
+    ] = False,
 ) -> None:
     """Run a job, or resume it: chunks already committed in the output are skipped.
 
@@ -162,13 +178,18 @@ def submit(
     if address and is_jobs_api(address):
         code = _follow_remote(
             address, job, set_ or [], run_id=run_id, wait=wait, verbose=verbose, quiet=quiet,
-            detach=detach, json_lines=json_lines,
+            detach=detach, json_lines=json_lines, pass_env=env_from_local,
+            credentials_to_env=credentials_to_env,
         )  # fmt: skip
         if code:
             raise typer.Exit(code)
         return
-    if run_id or detach:
-        _fail("--run-id and --detach need a Jobs API address: --address http://HEAD:8265", 2)
+    if run_id or detach or env_from_local or credentials_to_env:
+        _fail(
+            "--run-id, --detach, --env-from-local and --credentials-to-env need a Jobs API "
+            "address: --address http://HEAD:8265",
+            2,
+        )
     try:
         spec = _load_job(job, set_ or [])
     except SpecError as exc:
@@ -184,19 +205,11 @@ def submit(
 
 
 def _load_job(job: Path, overrides: list[str]) -> JobSpec:
-    """A job file, or ``env:NAME``: the job's YAML in an environment variable."""
-    import os
+    """A job file, or ``env:NAME``: the job's YAML in an environment variable; on a cluster,
+    with the storage credentials its submitter moved into the job's environment."""
+    from batch.cluster import load_job
 
-    from batch.spec import load_spec, parse_spec
-
-    text = str(job)
-    if text.startswith("env:"):
-        name = text.removeprefix("env:")
-        body = os.environ.get(name)
-        if not body:
-            raise SpecError(f"{text}: the environment variable {name} is not set or empty")
-        return parse_spec(body, source=f"${name}", overrides=overrides)
-    return load_spec(job, overrides)
+    return load_job(job, overrides)
 
 
 def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: bool) -> None:
@@ -599,46 +612,25 @@ def demo(
 # --------------------------------------------------------------------------- on a cluster
 
 
-def _remote_target(address: str, spec: JobSpec, run_id: str | None) -> tuple[str, Any]:
-    """(run id, the JobDetails standing for it or None); exits 2 on a bad address or id."""
-    from batch import cluster
+def _cluster_status(address: str, spec: JobSpec, run_id: str | None) -> dict[str, Any]:
+    """The run's state on the cluster; exits 2 on a bad address or run id, 1 when the
+    cluster does not answer."""
+    from batch import remote
 
-    if not cluster.is_jobs_api(address):
-        _fail(f"--address {address}: give the Jobs API's http(s)://HEAD:8265 address", 2)
     try:
-        rid = cluster.normalise_run_id(run_id) if run_id else cluster.make_run_id(spec)
-    except ValueError as exc:
+        return remote.cluster_status(address, spec, run_id)
+    except SpecError as exc:
         _fail(str(exc), 2)
         raise
-    try:
-        found = cluster.attempts(address, rid)
     except BatchInferError as exc:
         _fail(str(exc), 1)
         raise
-    current = cluster.current_attempt(found) or (found[-1] if found else None)
-    return rid, (current, len(found))
-
-
-def _cluster_status(address: str, spec: JobSpec, run_id: str | None) -> dict[str, Any]:
-    rid, (job, count) = _remote_target(address, spec, run_id)
-    return {
-        "address": address,
-        "run_id": rid,
-        "submission_id": job.submission_id if job else None,
-        "state": str(job.status) if job else None,
-        "attempts": count,
-        "message": (job.message or "").strip().splitlines()[0] if job and job.message else "",
-    }
 
 
 def _describe_cluster_status(doc: dict[str, Any]) -> str:
-    if not doc["state"]:
-        return f"cluster: no run {doc['run_id']} on {doc['address']}"
-    n = doc["attempts"]
-    return (
-        f"cluster: {doc['state']} {doc['submission_id']} (run {doc['run_id']}, {n} "
-        f"attempt{'s' if n != 1 else ''}) on {doc['address']}"
-    )
+    from batch import remote
+
+    return remote.describe_cluster_status(doc)
 
 
 @app.command()
@@ -659,27 +651,38 @@ def stop(
 
       batchinfer stop jobs/enrich.yaml --address http://127.0.0.1:8265
     """
-    from batch import cluster
+    from batch import remote
 
     _configure_logging(False, False)
     spec = _spec_or_exit(target, set_ or [], storage_options)
-    rid, (job, _) = _remote_target(address, spec, run_id)
-    if job is None or str(job.status) not in cluster.ACTIVE:
-        state = f"its last attempt {job.submission_id} is {job.status}" if job else "none found"
-        _fail(f"run {rid} is not running on {address} ({state})", 1)
-        return
     try:
-        cluster.stop_remote(address, job.submission_id)
-        state = cluster.wait_terminal(address, job.submission_id, timeout=60)
+        line = remote.stop_run(address, spec, run_id)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
     except BatchInferError as exc:
         _fail(str(exc), 1)
         return
-    typer.echo(f"{job.submission_id}: {state}; committed chunks are kept (submit again to resume)")
+    typer.echo(line)
 
 
-RECONNECT_S = 5.0  # between attempts to pick up a dropped log stream
-SETTLE_S = 10.0  # a log stream that ended cleanly: how long the job may take to show it ended
-UNREACHABLE_S = 600.0  # give up following (the job keeps running) after this long without an answer
+class _TyperScreen:
+    """Following a remote job, printed with typer (stdout, stderr, a yes/no question)."""
+
+    def out(self, text: str) -> None:
+        typer.echo(text)
+
+    def err(self, text: str) -> None:
+        typer.echo(text, err=True)
+
+    def can_ask(self) -> bool:
+        return sys.stdin.isatty()
+
+    def confirm(self, question: str) -> bool:
+        try:
+            return bool(typer.confirm(question, default=False))
+        except typer.Abort:
+            return False
 
 
 def _follow_remote(
@@ -693,16 +696,15 @@ def _follow_remote(
     quiet: bool,
     detach: bool,
     json_lines: bool,
+    pass_env: list[str] | None = None,
+    credentials_to_env: bool = False,
 ) -> int:
-    """Submit to (or attach to) the job's run on a cluster and follow it to its end.
-
-    Returns the exit code a local run would have had: 0 done, 2 invalid spec, 3 another run
-    holds the output, 1 failed or stopped on the cluster, 130 interrupted here.
-    """
+    """Submit to (or attach to) the job's run on a cluster and follow it (batch.remote);
+    the exit code a local run would have had. SIGTERM is Ctrl-C here."""
     import signal
 
-    from batch import cluster
-    from batch.progress import NullReporter, RichReporter
+    from batch import remote
+    from batch.progress import RichReporter
 
     if not verbose:
         # Ray's job client logs each package upload at INFO (its modules set their own level
@@ -711,261 +713,21 @@ def _follow_remote(
 
         for name in ("ray", "ray.dashboard.modules.dashboard_sdk", "ray.dashboard.modules.job.sdk"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        run = cluster.submit_remote(
-            address, job, overrides, run_id=run_id, wait=wait, verbose=verbose
-        )
-    except SpecError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 2
-    except ValueError as exc:  # a run id that cannot be one
-        typer.echo(f"error: --run-id: {exc}", err=True)
-        return 2
-    except BatchInferError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        return 1
-    except KeyboardInterrupt:
-        typer.echo("interrupted before the job was submitted", err=True)
-        return 130
-    sid = run.submission_id
-    if json_lines:
-        _json_event(
-            "attached" if run.attached else "submitted",
-            address=address, run_id=run.run_id, submission_id=sid,
-        )  # fmt: skip
-    elif not quiet:
-        state = ""
-        if run.attached:
-            with contextlib.suppress(BatchInferError):
-                state = f", {cluster.remote_state(address, sid)}"
-        verb = "attached to" if run.attached else "submitted"
-        typer.echo(f"{verb} {sid} (run {run.run_id}{state}) on {address}", err=True)
-    if run.attached:
-        _warn_other_output(address, sid, job, overrides)
-    if detach:
-        typer.echo(
-            f"{sid}: running on {address}; follow it with the same command without --detach, "
-            f"see it with `batchinfer status {job} --address {address}`, stop it with "
-            f"`batchinfer stop {job} --address {address}`",
-            err=True,
-        )
-        return 0
-
-    reporter: Any = NullReporter() if quiet or json_lines else RichReporter()
-    last_line = ""
-
-    def echo(line: str) -> None:
-        nonlocal last_line
-        if _RAY_LOG_LINE.match(line) or line.startswith(_RAY_NOISE):
-            if verbose:
-                typer.echo(line, err=True)
-            return
-        if line.startswith("error: ") or line.startswith("interrupted"):
-            typer.echo(line, err=True)
-            return
-        last_line = line
-        if isinstance(reporter, RichReporter) and events.finished is None:
-            reporter.message(line)  # above the live bar
-        elif not quiet:
-            typer.echo(line)  # after the run: its summary line
-
-    def feed(line: str) -> None:
-        if json_lines and not quiet:
-            doc = cluster._json_object(line)
-            if doc is not None:  # the remote's JSON lines, as they are
-                typer.echo(line, err="level" in doc)
-                return
-        events.feed(line)
-
-    def notice(text: str) -> None:
-        if isinstance(reporter, RichReporter):
-            reporter.message(text)
-        else:
-            typer.echo(text, err=True)
-
-    events = cluster.RemoteEvents(reporter, echo)
+    opts = remote.FollowOptions(
+        run_id=run_id, wait=wait, verbose=verbose, quiet=quiet, detach=detach,
+        json_lines=json_lines, pass_env=tuple(pass_env or ()),
+        credentials_to_env=credentials_to_env,
+    )  # fmt: skip
 
     def on_term(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
     previous = signal.signal(signal.SIGTERM, on_term)
     try:
-        _follow_to_the_end(address, sid, feed, notice)
-        info = cluster.job_info(address, sid)
-    except KeyboardInterrupt:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        return _interrupted(address, sid, job, interactive=not json_lines)
-    except BatchInferError as exc:
-        if isinstance(reporter, RichReporter):
-            reporter.stop()
-        typer.echo(f"error: {exc}", err=True)
-        return 1
+        bar = None if quiet or json_lines or detach else RichReporter()
+        return remote.follow(address, job, overrides, opts, _TyperScreen(), bar)
     finally:
         signal.signal(signal.SIGTERM, previous)
-    if isinstance(reporter, RichReporter):
-        reporter.stop()
-    code = cluster.exit_code(info)
-    if quiet and last_line and code == 0:
-        typer.echo(last_line)
-    if str(info.status) == "STOPPED":
-        typer.echo(
-            f"error: {sid} was stopped on the cluster; committed chunks are kept, submit the "
-            "same job again to resume",
-            err=True,
-        )
-    elif code and (info.driver_exit_code is None):  # it never got to run our CLI
-        message = (info.message or "").strip().splitlines()
-        typer.echo(f"error: {sid} {info.status}: {message[0] if message else ''}", err=True)
-    return code
-
-
-def _follow_to_the_end(
-    address: str, sid: str, feed: Callable[[str], None], notice: Callable[[str], None]
-) -> None:
-    """Feed the job's log lines, each once, until the job is SUCCEEDED, FAILED or STOPPED.
-
-    A log stream can end before the job does (a dashboard restart, a proxy's idle timeout, a
-    network blip). Then the stream is opened again; Ray replays it from the start, so the
-    lines already fed are skipped. Raises ClusterAuthError when the token is refused, and
-    ClusterError once the cluster has not answered for UNREACHABLE_S (the job may well still
-    be running: the same command attaches to it again).
-    """
-    import time
-
-    from batch import cluster
-
-    seen = 0  # lines fed so far; a new stream starts from the first line again
-    broken = False  # a stream ended early: the last lines may only be in the stored log
-    lost_since: float | None = None
-
-    def ask() -> str | None:
-        """The job's state, or None while the cluster does not answer."""
-        nonlocal lost_since
-        try:
-            state = cluster.remote_state(address, sid)
-        except cluster.ClusterAuthError:
-            raise
-        except BatchInferError as exc:
-            now = time.monotonic()
-            if lost_since is None:
-                lost_since = now
-                notice(
-                    f"warning: lost {address} ({exc}); {sid} may still be running, trying "
-                    f"again every {RECONNECT_S:.0f}s (Ctrl-C to stop following)"
-                )
-            elif now - lost_since >= UNREACHABLE_S:
-                raise cluster.ClusterError(
-                    f"{address} has not answered for {UNREACHABLE_S / 60:.0f} minutes ({exc}); "
-                    f"{sid} may still be running: run the same command to attach to it again"
-                ) from None
-            return None
-        lost_since = None
-        return state
-
-    while True:
-        shown, reason = 0, ""
-        try:
-            for line in cluster.tail_logs(address, sid):
-                shown += 1
-                if shown > seen:
-                    seen = shown
-                    feed(line)
-        except cluster.ClusterAuthError:
-            raise
-        except BatchInferError as exc:
-            reason, broken = str(exc), True
-        state = ask()
-        if not reason:  # a stream that ends with the job: its state may lag a moment behind
-            settle = time.monotonic() + SETTLE_S
-            while state not in (None, *cluster.TERMINAL) and time.monotonic() < settle:
-                time.sleep(0.5)
-                state = ask()
-        if state in cluster.TERMINAL:
-            if broken:
-                with contextlib.suppress(BatchInferError):
-                    lines = cluster.remote_logs(address, sid).split("\n")
-                    if lines and not lines[-1]:
-                        lines.pop()  # as the stream splits it: no empty last line
-                    for line in lines[seen:]:
-                        feed(line)
-            return
-        if state is not None and (shown or reason):
-            broken = True
-            notice(
-                f"warning: the log stream of {sid} dropped ({reason or 'it ended'}) while the "
-                f"job is {state}; reconnecting in {RECONNECT_S:.0f}s"
-            )
-        time.sleep(RECONNECT_S)
-
-
-def _warn_other_output(address: str, sid: str, job: Path, overrides: list[str]) -> None:
-    """A run id normally covers the output path, but one given with --run-id can name a run
-    of the same job to another output: say so when the run found writes somewhere else than
-    this submission would."""
-    from batch import cluster
-
-    try:
-        theirs = (cluster.job_info(address, sid).metadata or {}).get(cluster.OUTPUT_KEY)
-        ours = cluster.resolved_path(_load_job(job, overrides).output.path)
-    except BatchInferError:
-        return
-    if theirs and theirs.rstrip("/") != ours.rstrip("/"):
-        typer.echo(
-            f"warning: run {sid} writes to {theirs}, not {ours}: that run id already names a "
-            "run to another output; give another --run-id to run this one separately",
-            err=True,
-        )
-
-
-_RAY_LOG_LINE = re.compile(r"^\[?\d{4}-\d\d-\d\d[ _]\d\d:\d\d:\d\d")
-_RAY_NOISE = ("Running entrypoint for job", "[")
-
-
-def _interrupted(address: str, sid: str, job: Path, *, interactive: bool) -> int:
-    """Ctrl-C (or SIGTERM) while following a remote job: stop it, or leave it running.
-
-    On a terminal, ask (default: leave it running). Without one (a script, Airflow), stop
-    it: the same as Ctrl-C on a local run, which ends the job. (To leave a job running from
-    a script, submit it with --detach, which returns at once.)
-    """
-    from batch import cluster
-
-    if interactive and sys.stdin.isatty():
-        try:
-            stop = typer.confirm(f"\nStop the remote job {sid}?", default=False)
-        except (KeyboardInterrupt, typer.Abort):
-            stop = False
-    else:
-        stop = True
-    if stop:
-        try:
-            cluster.stop_remote(address, sid)
-            state = cluster.wait_terminal(address, sid, timeout=60)
-        except BatchInferError as exc:
-            typer.echo(f"error: could not stop {sid}: {exc}", err=True)
-            return 130
-        typer.echo(
-            f"interrupted: {sid} {state.lower()}; committed chunks are kept, run the same "
-            "command to resume",
-            err=True,
-        )
-    else:
-        typer.echo(
-            f"interrupted: {sid} keeps running on {address}; run the same command to follow it "
-            f"again, or `batchinfer stop {job} --address {address}`",
-            err=True,
-        )
-    return 130
-
-
-def _json_event(event: str, **fields: Any) -> None:
-    import time
-
-    typer.echo(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}))
-
-
-RENDER_KINDS = ("kuberay", "raycluster")
 
 
 @app.command("render")
@@ -1001,6 +763,17 @@ def render(
             "bucket (infra/terraform creates batchinfer-ray).",
         ),
     ] = "batchinfer-ray",
+    env_secret: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--env-secret",
+            help="A Kubernetes Secret whose keys become every Ray container's environment "
+            "(e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY), referenced by name: for storage "
+            "the service account cannot reach. Needed when the job's storage_options hold "
+            "credentials, which no manifest carries. Repeatable.",
+            metavar="NAME",
+        ),
+    ] = None,
     ttl: Annotated[
         int,
         typer.Option(help="kuberay: seconds the finished cluster stays up (to read its logs)."),
@@ -1033,10 +806,11 @@ def render(
 ) -> None:
     """Render a KubeRay manifest for the job, ready for kubectl apply.
 
-    kuberay: a RayJob named by the run id, carrying the spec (credentials removed: the pods
-    get access from the service account). KubeRay starts a cluster for it, a head that
-    takes no work and a worker group sized from resources (GPU pods with the nvidia.com/gpu
-    toleration, or CPU pods), runs the job and deletes the cluster --ttl seconds after.
+    kuberay: a RayJob named by the run id, carrying the spec (never credentials: the pods
+    reach storage as the service account, or through the environment --env-secret gives
+    them). KubeRay starts a cluster for it, a head that takes no work and a worker group
+    sized from resources (GPU pods with the nvidia.com/gpu toleration, or CPU pods), runs the
+    job and deletes the cluster --ttl seconds after.
 
     raycluster: a standing RayCluster with the same head and worker pods, its worker group
     scaled between 0 and --max-workers by Ray's autoscaler, so GPU nodes exist only while a
@@ -1055,74 +829,29 @@ def render(
       batchinfer render raycluster jobs/enrich.yaml --set resources.device=gpu \\
           --image 123456789012.dkr.ecr.us-west-2.amazonaws.com/batchinfer:0.1.0 -o raycluster.yaml
     """
-    from batch import cluster
-    from batch.spec import load_spec
+    from batch import remote
 
     _configure_logging(False, False)
-    if kind not in RENDER_KINDS:
-        _fail(f"render {kind}: give kuberay (a RayJob) or raycluster (a standing RayCluster)", 2)
-    if kind == "raycluster" and run_id:
-        _fail("--run-id: a RayCluster is not one run; give --name to name the cluster", 2)
     try:
-        spec = load_spec(job, set_ or [])
-        if kind == "raycluster":
-            manifest = cluster.render_raycluster(
-                spec, name=name, image=image, namespace=namespace,
-                service_account=service_account, worker_memory=worker_memory,
-                max_workers=max_workers,
-            )  # fmt: skip
-        else:
-            manifest = cluster.render_kuberay(
-                spec, run_id=run_id, image=image, namespace=namespace,
-                service_account=service_account, ttl_seconds=ttl, worker_memory=worker_memory,
-            )  # fmt: skip
+        rendered = remote.render(
+            kind, job, set_ or [], run_id=run_id, image=image, namespace=namespace,
+            service_account=service_account, ttl_seconds=ttl, worker_memory=worker_memory,
+            name=name, max_workers=max_workers, env_secrets=env_secret or [],
+        )  # fmt: skip
     except SpecError as exc:
         _fail(str(exc), 2)
         return
-    except ValueError as exc:
-        _fail(f"--{'name' if kind == 'raycluster' else 'run-id'}: {exc}", 2)
-        return
-    if image is None:
-        typer.echo(
-            f"note: no --image: the pods would pull {cluster.default_image()}, which no "
-            "registry has; build the Dockerfile, push it (infra/terraform/README.md) and pass "
-            "--image REGISTRY/batchinfer:TAG",
-            err=True,
-        )
-    if kind == "kuberay":
-        for part in ("input", "output"):
-            path = getattr(spec, part).path
-            if "://" not in path or path.startswith("file://"):
-                typer.echo(
-                    f"warning: {part}.path {path} is a local path; the cluster's pods will "
-                    "not see it (use s3://...)",
-                    err=True,
-                )
-        for part in ("input", "output"):
-            options = getattr(spec, part).storage_options
-            if cluster.without_secrets(options) != options:
-                typer.echo(
-                    f"note: {part}.storage_options: credentials left out of the manifest; the "
-                    f"pods use the service account {service_account}'s role",
-                    err=True,
-                )
-    text = cluster.manifest_yaml(manifest)
+    for line in rendered.notes:
+        typer.echo(line, err=True)
+    manifest = rendered.manifest
     if output:
-        output.write_text(text)
+        output.write_text(rendered.text)
         what = f"{manifest['kind']} {manifest['metadata']['name']} in namespace {namespace}"
         typer.echo(f"wrote {output}: {what}; kubectl apply -f {output}", err=True)
     else:
-        typer.echo(text, nl=False)
-    if kind == "raycluster":
-        rc = manifest["metadata"]["name"]
-        typer.echo(
-            f"Jobs API: {cluster.head_service(rc, namespace)} inside Kubernetes, or "
-            f"`kubectl -n {namespace} port-forward svc/{rc}-head-svc 8265:8265` for "
-            f"http://127.0.0.1:8265; its token: `{cluster.token_command(rc, namespace)}` "
-            "(then RAY_AUTH_MODE=token and RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH)",
-            err=True,
-        )
-
+        typer.echo(rendered.text, nl=False)
+    for line in rendered.after:
+        typer.echo(line, err=True)
 
 def main() -> None:
     app()

@@ -14,6 +14,12 @@ resolved spec (overrides applied) travels in the job's working directory and thi
 code (``batch``, ``pipelines``) as ``py_modules``, so the cluster needs the dependencies
 (``pip install batchinfer[gpu]``) but not this exact version of the code.
 
+Storage credentials never travel in a file: the spec shipped (working directory, RayJob
+manifest) has every credential-like ``storage_options`` value removed. A cluster reaches
+storage through its own identity (an IAM role, Pod Identity) or environment; a submission
+whose spec holds credentials is refused unless the caller asks to move them into the job's
+runtime environment (``credentials_to_env``), where Ray keeps them (see docs/cluster.md).
+
 Authentication: a head started by ``ray start --head`` with a dashboard requires a token. As
 with Ray's own CLI, set ``RAY_AUTH_MODE=token`` and give the token in ``RAY_AUTH_TOKEN`` or a
 file named by ``RAY_AUTH_TOKEN_PATH`` (default ``~/.ray/auth_token``). The token is sent as an
@@ -44,8 +50,8 @@ from typing import Any
 
 import yaml
 
-from batch.errors import ConfigurationError, TransientError
-from batch.spec import JobSpec, load_spec
+from batch.errors import ConfigurationError, SpecError, TransientError
+from batch.spec import JobSpec, load_spec, parse_spec
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +143,142 @@ def is_jobs_api(address: str | None) -> bool:
     """``http(s)://`` addresses go through the Jobs API; ``ray://``, ``auto``, ``HOST:PORT``
     connect the driver directly (the job runs here, its tasks on the cluster)."""
     return bool(address) and str(address).startswith(("http://", "https://"))
+
+
+# --------------------------------------------------------------------------- credentials
+
+_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|sas", re.IGNORECASE)
+CREDENTIALS_ENV = "BATCHINFER_STORAGE_CREDENTIALS"  # moved credentials, in the job's environment
+# Set by this package (the job's env, the remote driver's ray.init): Ray refuses to merge a
+# job's runtime env with the driver's when both set one variable, and its error prints both.
+RESERVED_ENV = frozenset(
+    {"PYTHONUNBUFFERED", "PYTHONPATH", "TOKENIZERS_PARALLELISM", "HF_HUB_OFFLINE",
+     "VLLM_CONFIGURE_LOGGING", "RAY_worker_niceness", CREDENTIALS_ENV}
+)  # fmt: skip
+
+
+def _is_secret_key(key: Any) -> bool:
+    return bool(_SECRET_KEY.search(str(key))) and key != "endpoint_url"
+
+
+def without_secrets(options: Any) -> Any:
+    """Storage options with every credential-like key removed (recursively): what may be
+    written into a file that leaves this machine (a job's working dir, a manifest)."""
+    if isinstance(options, dict):
+        return {k: without_secrets(v) for k, v in options.items() if not _is_secret_key(k)}
+    if isinstance(options, list):
+        return [without_secrets(v) for v in options]
+    return options
+
+
+def secrets_of(options: Any) -> dict[str, Any]:
+    """The credential-like values of storage options (non-empty ones), nested as they were:
+    what ``without_secrets`` leaves out."""
+    found: dict[str, Any] = {}
+    if isinstance(options, dict):
+        for k, v in options.items():
+            if _is_secret_key(k):
+                if v not in (None, "", {}, []):
+                    found[k] = v
+            elif isinstance(v, dict) and (inner := secrets_of(v)):
+                found[k] = inner
+    return found
+
+
+def inline_credentials(spec: JobSpec) -> list[str]:
+    """Where the spec holds credentials: ``["input.storage_options.key", ...]``."""
+
+    def paths(tree: dict[str, Any], prefix: str) -> list[str]:
+        out = []
+        for k, v in tree.items():
+            here = f"{prefix}.{k}"
+            out += paths(v, here) if isinstance(v, dict) and not _is_secret_key(k) else [here]
+        return out
+
+    return [
+        p
+        for part in ("input", "output")
+        for p in paths(secrets_of(getattr(spec, part).storage_options), f"{part}.storage_options")
+    ]
+
+
+def job_environment(
+    spec: JobSpec,
+    *,
+    pass_env: Sequence[str] = (),
+    credentials_to_env: bool = False,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """The variables a Jobs API submission adds to the job's runtime environment.
+
+    ``pass_env``: names copied from this process's environment (``AWS_ACCESS_KEY_ID``, ...).
+    A spec holding credentials is refused (SpecError) unless ``credentials_to_env``: then
+    they travel in the variable ``BATCHINFER_STORAGE_CREDENTIALS`` and the remote run puts
+    them back into its storage options (``with_credentials_from_env``).
+    """
+    environ = os.environ if environ is None else environ
+    found = inline_credentials(spec)
+    if found and not credentials_to_env:
+        raise SpecError(
+            f"{', '.join(found)}: credentials in the spec would be written into the job's files "
+            "on the cluster; remove them and let the cluster reach storage through its own "
+            "identity (or pass variables with --env-from-local AWS_ACCESS_KEY_ID ...), or add "
+            "--credentials-to-env to send them in the job's environment instead"
+        )
+    env: dict[str, str] = {}
+    for name in pass_env:
+        if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            raise SpecError(f"--env-from-local {name!r}: give an environment variable's name")
+        if name in RESERVED_ENV:
+            raise SpecError(f"--env-from-local {name}: batchinfer sets that one itself")
+        if name not in environ:
+            raise SpecError(f"--env-from-local {name}: it is not set here; export it first")
+        env[name] = environ[name]
+    if found:
+        moved = {p: secrets_of(getattr(spec, p).storage_options) for p in ("input", "output")}
+        env[CREDENTIALS_ENV] = json.dumps({p: v for p, v in moved.items() if v})
+    return env
+
+
+def with_credentials_from_env(spec: JobSpec, environ: Mapping[str, str] | None = None) -> JobSpec:
+    """On the cluster: the spec with the credentials ``job_environment`` moved into the job's
+    environment put back into its storage options (the spec itself, without that variable)."""
+    environ = os.environ if environ is None else environ
+    text = environ.get(CREDENTIALS_ENV)
+    if not text:
+        return spec
+    try:
+        moved = json.loads(text)
+    except ValueError:
+        raise SpecError(f"${CREDENTIALS_ENV}: not the JSON batchinfer writes") from None
+    doc = spec.model_dump(mode="json")
+    for part in ("input", "output"):
+        if isinstance(moved, dict) and isinstance(moved.get(part), dict):
+            _merge(doc[part]["storage_options"], moved[part])
+    return JobSpec.model_validate(doc)
+
+
+def _merge(into: dict[str, Any], extra: Mapping[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, Mapping) and isinstance(into.get(k), dict):
+            _merge(into[k], v)
+        else:
+            into[k] = v
+
+
+def load_job(job: str | Path, overrides: Sequence[str] = ()) -> JobSpec:
+    """A job file, or ``env:NAME`` (the job's YAML in an environment variable, as a KubeRay
+    RayJob passes it), with credentials moved into the environment put back. SpecError."""
+    text = str(job)
+    if text.startswith("env:"):
+        name = text.removeprefix("env:")
+        body = os.environ.get(name)
+        if not body:
+            raise SpecError(f"{text}: the environment variable {name} is not set or empty")
+        spec = parse_spec(body, source=f"${name}", overrides=overrides)
+    else:
+        spec = load_spec(job, overrides)
+    return with_credentials_from_env(spec)
 
 
 # --------------------------------------------------------------------------- the Jobs API
@@ -270,6 +412,8 @@ def submit_remote(
     run_id: str | None = None,
     wait: bool = False,
     verbose: bool = False,
+    pass_env: Sequence[str] = (),
+    credentials_to_env: bool = False,
 ) -> RemoteRun:
     """Submit a job to the cluster at ``address`` (``http://HEAD:8265``), or attach to it.
 
@@ -278,9 +422,12 @@ def submit_remote(
     from the output's markers. Two clients racing to submit the same attempt both end up on
     one Ray job: the loser's submission is refused as "already exists" and attaches.
     ``wait``: the remote run waits for another run's lease instead of exiting 3.
+    ``pass_env``, ``credentials_to_env``: see ``job_environment`` (a spec holding storage
+    credentials is refused without the latter).
     Raises SpecError, ClusterError or ClusterAuthError.
     """
     spec = load_spec(job, overrides)
+    env = job_environment(spec, pass_env=pass_env, credentials_to_env=credentials_to_env)
     rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
     c = client(address)
     for _ in range(3):
@@ -290,7 +437,7 @@ def submit_remote(
             return RemoteRun(address, rid, current.submission_id, attached=True)
         n = max((_attempt_number(j) for j in found), default=0) + 1
         sid = attempt_submission_id(rid, n)
-        with job_package(spec, wait=wait, verbose=verbose) as (entrypoint, runtime_env):
+        with job_package(spec, wait=wait, verbose=verbose, env=env) as (entrypoint, runtime_env):
             metadata = {
                 RUN_ID_KEY: rid,
                 ATTEMPT_KEY: str(n),
@@ -418,10 +565,12 @@ def tail_logs(address: str, submission_id: str) -> Iterator[str]:
 
 def shipped_spec(spec: JobSpec) -> dict[str, Any]:
     """The resolved spec as it runs on the cluster: local relative paths made absolute (the
-    cluster's working directory is not the caller's; the cluster must see the same files)."""
+    cluster's working directory is not the caller's; the cluster must see the same files),
+    credentials removed (a file on the cluster is no place for them)."""
     doc = spec.model_dump(mode="json")
     for part in ("input", "output"):
         doc[part]["path"] = resolved_path(str(doc[part]["path"]))
+        doc[part]["storage_options"] = without_secrets(doc[part]["storage_options"])
     return doc
 
 
@@ -444,9 +593,14 @@ def code_modules() -> list[str]:
 
 @contextmanager
 def job_package(
-    spec: JobSpec, *, wait: bool = False, verbose: bool = False
+    spec: JobSpec,
+    *,
+    wait: bool = False,
+    verbose: bool = False,
+    env: Mapping[str, str] | None = None,
 ) -> Iterator[tuple[str, dict[str, Any]]]:
-    """(entrypoint, runtime_env) for a Jobs API submission; the working dir holds the spec."""
+    """(entrypoint, runtime_env) for a Jobs API submission; the working dir holds the spec
+    (without credentials), ``env`` (``job_environment``) goes into the runtime env only."""
     folder = Path(tempfile.mkdtemp(prefix="batchinfer-job-"))
     try:
         (folder / SPEC_FILE).write_text(yaml.safe_dump(shipped_spec(spec), sort_keys=False))
@@ -456,7 +610,7 @@ def job_package(
             "excludes": ["__pycache__", "*.pyc"],
             # Only keys the driver's own ray.init leaves alone: Ray refuses to merge a job's
             # runtime env with the driver's when both set the same variable.
-            "env_vars": {"PYTHONUNBUFFERED": "1"},
+            "env_vars": {**(env or {}), "PYTHONUNBUFFERED": "1"},
         }
         yield " ".join(entrypoint_args(wait=wait, verbose=verbose)), runtime_env
     finally:
@@ -523,7 +677,7 @@ class RemoteEvents:
 
 def _summary(doc: Mapping[str, Any]) -> Any:
     """The remote run's ``finished`` event as a RunSummary (for the local reporter)."""
-    from batch.runner import RunSummary
+    from batch.summary import RunSummary
 
     return RunSummary(
         job=str(doc.get("job", "")),
@@ -560,27 +714,12 @@ KUBERAY_IDLE_TIMEOUT_SECONDS = 120  # an idle GPU worker pod goes this long afte
 GPU_RESOURCE = "nvidia.com/gpu"
 NODE_ROLE = "batchinfer.io/node-role"  # the Karpenter pools' label: ray-cpu, ray-gpu
 SPEC_ENV = "BATCHINFER_SPEC"
-_SECRET_KEY = re.compile(r"key|secret|token|password|passwd|credential|sas", re.IGNORECASE)
 
 
 def default_image() -> str:
     from batch import __version__
 
     return f"batchinfer:{__version__}"
-
-
-def without_secrets(options: Any) -> Any:
-    """Storage options with every credential-like key removed (recursively): a manifest is
-    shared and stored; pods get their access from the service account's role instead."""
-    if isinstance(options, dict):
-        return {
-            k: without_secrets(v)
-            for k, v in options.items()
-            if not (_SECRET_KEY.search(str(k)) and k != "endpoint_url")
-        }
-    if isinstance(options, list):
-        return [without_secrets(v) for v in options]
-    return options
 
 
 def _pod_groups(
@@ -590,9 +729,12 @@ def _pod_groups(
     service_account: str,
     worker_memory: str | None,
     labels: Mapping[str, str],
+    env_secrets: Sequence[str] = (),
 ) -> tuple[dict[str, Any], dict[str, Any], int]:
     """(head group, worker group, worker pods the job needs): what a RayJob's cluster and a
-    standing RayCluster share, so both put the same pods on the same nodes."""
+    standing RayCluster share, so both put the same pods on the same nodes. Every Ray
+    container takes its environment from the Kubernetes Secrets ``env_secrets`` (by name:
+    the manifest never holds a value)."""
     res = spec.resources
     gpu = res.device == "gpu"
     pod_annotations = {"karpenter.sh/do-not-disrupt": "true"}  # no consolidation mid-job
@@ -618,6 +760,7 @@ def _pod_groups(
                 "image": image,
                 "resources": {"limits": worker_limits, "requests": dict(worker_limits)},
                 "volumeMounts": [{"name": "dshm", "mountPath": "/dev/shm"}],
+                **_env_from(env_secrets),
             }
         ],
         # vLLM and Ray's object store use shared memory; a container's default is 64 MiB.
@@ -641,6 +784,7 @@ def _pod_groups(
                     {"containerPort": 10001, "name": "client"},
                 ],
                 "resources": {"limits": head_resources, "requests": dict(head_resources)},
+                **_env_from(env_secrets),
             }
         ],
     }
@@ -666,6 +810,10 @@ def _pod_groups(
     return head, worker, pods
 
 
+def _env_from(secrets: Sequence[str]) -> dict[str, Any]:
+    return {"envFrom": [{"secretRef": {"name": name}} for name in secrets]} if secrets else {}
+
+
 def _labels(**extra: str) -> dict[str, str]:
     return {
         "app.kubernetes.io/name": "batchinfer",
@@ -682,17 +830,29 @@ def render_kuberay(
     service_account: str = KUBERAY_SERVICE_ACCOUNT,
     ttl_seconds: int = KUBERAY_TTL_SECONDS,
     worker_memory: str | None = None,
+    env_secrets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A KubeRay ``RayJob`` (ray.io/v1) that runs this job on a cluster of its own.
 
     KubeRay creates a RayCluster (a head that takes no work, and one worker group sized from
     ``resources``: GPU pods with the ``nvidia.com/gpu`` toleration, or CPU pods), submits the
     entrypoint under the run id, and deletes the cluster ``ttl_seconds`` after the job ends.
-    The spec travels inside the manifest (``runtimeEnvYAML``), credentials removed; the
-    image must contain batchinfer with its engine (``pip install batchinfer[gpu]``). Token
-    authentication is on (``authOptions``): KubeRay makes the token and hands it to the pods
-    and the submitter itself, so no token is ever in the manifest.
+    The spec travels inside the manifest (``runtimeEnvYAML``), never with credentials: the
+    pods reach storage as ``service_account`` (its role), or through the environment the
+    Kubernetes Secrets ``env_secrets`` give every Ray container. A spec holding credentials
+    is refused (SpecError) unless such a Secret is named. The image must contain batchinfer
+    with its engine (``pip install batchinfer[gpu]``). Token authentication is on
+    (``authOptions``): KubeRay makes the token and hands it to the pods and the submitter
+    itself, so no token is ever in the manifest.
     """
+    found = inline_credentials(spec)
+    if found and not env_secrets:
+        raise SpecError(
+            f"{', '.join(found)}: a manifest never carries credentials; remove them (the pods "
+            f"use the service account {service_account}'s role), or put them in a Kubernetes "
+            "Secret as environment variables (AWS_ACCESS_KEY_ID, ...) and name it with "
+            "--env-secret NAME"
+        )
     rid = normalise_run_id(run_id) if run_id else make_run_id(spec)
     doc = spec.model_dump(mode="json")
     for part in ("input", "output"):
@@ -707,7 +867,7 @@ def render_kuberay(
     labels = _labels(run_id=rid)
     head, worker, _ = _pod_groups(
         spec, image=image or default_image(), service_account=service_account,
-        worker_memory=worker_memory, labels=labels,
+        worker_memory=worker_memory, labels=labels, env_secrets=env_secrets,
     )  # fmt: skip
     return {
         "apiVersion": "ray.io/v1",
@@ -762,6 +922,7 @@ def render_raycluster(
     worker_memory: str | None = None,
     max_workers: int | None = None,
     idle_timeout_seconds: int = KUBERAY_IDLE_TIMEOUT_SECONDS,
+    env_secrets: Sequence[str] = (),
 ) -> dict[str, Any]:
     """A standing KubeRay ``RayCluster`` (ray.io/v1) for ``submit --address`` and Airflow.
 
@@ -771,7 +932,9 @@ def render_raycluster(
     ``idle_timeout_seconds`` after the last one left, so GPU nodes exist only while a job
     runs. ``max_workers`` caps the group (default: the pods this job needs). Token
     authentication is on; KubeRay keeps the token in the Secret ``<name>`` (see
-    ``token_command``).
+    ``token_command``). ``env_secrets``: Kubernetes Secrets whose keys become every Ray
+    container's environment (storage credentials for jobs submitted to it). The job only
+    sizes the pods; its spec is not in the manifest.
     """
     try:
         name = normalise_run_id(name)
@@ -780,7 +943,7 @@ def render_raycluster(
     labels = _labels(cluster=name)
     head, worker, pods = _pod_groups(
         spec, image=image or default_image(), service_account=service_account,
-        worker_memory=worker_memory, labels=labels,
+        worker_memory=worker_memory, labels=labels, env_secrets=env_secrets,
     )  # fmt: skip
     if max_workers is not None and max_workers < 1:
         raise ValueError(f"max workers {max_workers}: give at least 1")

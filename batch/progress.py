@@ -9,10 +9,9 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Protocol, TextIO
+from typing import Any, Protocol, TextIO
 
-if TYPE_CHECKING:
-    from batch.runner import RunSummary
+from batch.summary import RunSummary
 
 
 class Reporter(Protocol):

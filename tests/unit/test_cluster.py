@@ -1,7 +1,7 @@
 """Running on a cluster, without one: run ids, the KubeRay manifests (RayJob and standing
-RayCluster), progress from remote lines, auth headers, following a remote job through a
-dropped log stream and Ctrl-C, and the CLI's arguments. (The Jobs API itself, against a real
-Ray head: tests/integration.)"""
+RayCluster), storage credentials that never travel in a file, progress from remote lines,
+auth headers, following a remote job through a dropped log stream and Ctrl-C, and the CLI's
+arguments. (The Jobs API itself, against a real Ray head: tests/integration.)"""
 
 from __future__ import annotations
 
@@ -18,8 +18,8 @@ import jsonschema
 import pytest
 import yaml
 
-from batch import cli, cluster
-from batch.errors import ConfigurationError
+from batch import cli, cluster, remote
+from batch.errors import ConfigurationError, SpecError
 from batch.spec import JobSpec, load_spec, parse_spec
 
 SCHEMA = Path(__file__).parent.parent / "data" / "kuberay_rayjob_v1_schema.yaml"
@@ -28,12 +28,22 @@ DNS_1035 = re.compile(r"^[a-z]([-a-z0-9]*[a-z0-9])?$")
 JOB = """\
 name: Enrich_Reviews.v2
 input: {path: "s3://bucket/in/", id_column: review_id,
-        storage_options: {key: AKIAEXAMPLE, secret: hush, client_kwargs: {endpoint_url: "http://s3:8333"}}}
+        storage_options: {client_kwargs: {endpoint_url: "http://s3:8333"}}}
 output: {path: "s3://bucket/out/"}
 model: {path: Qwen/Qwen3-8B}
 prompt: {template: "Summarise: {{ body }}"}
 resources: {device: gpu, replicas: 3, gpus_per_replica: 2}
 """
+# The same job with credentials inline, in both places fsspec's S3 takes them.
+SECRETS = ("AKIAEXAMPLE", "hush-input", "hush-output", "sess-t0k3n")
+JOB_WITH_KEYS = JOB.replace(
+    '{client_kwargs: {endpoint_url: "http://s3:8333"}}',
+    '{key: AKIAEXAMPLE, secret: hush-input, client_kwargs: {endpoint_url: "http://s3:8333"}}',
+).replace(
+    'output: {path: "s3://bucket/out/"}',
+    'output: {path: "s3://bucket/out/", storage_options: {client_kwargs: '
+    "{aws_secret_access_key: hush-output, aws_session_token: sess-t0k3n}}}",
+)
 
 
 def spec(overrides: tuple[str, ...] = (), text: str = JOB) -> JobSpec:
@@ -396,8 +406,9 @@ def test_standing_raycluster_scales_gpus_to_zero_and_serves_the_jobs_api(
     assert head["template"]["spec"] == job_cluster["headGroupSpec"]["template"]["spec"]
     validator.validate(rayjob)
 
-    text = cluster.manifest_yaml(m)
-    assert "AKIAEXAMPLE" not in text and "hush" not in text and "BATCHINFER_SPEC" not in text
+    assert "BATCHINFER_SPEC" not in cluster.manifest_yaml(m), "the job only sizes the pods"
+    text = cluster.manifest_yaml(cluster.render_raycluster(spec(text=JOB_WITH_KEYS)))
+    assert not [x for x in SECRETS if x in text]
     assert cluster.head_service("batchinfer") == "http://batchinfer-head-svc.batchinfer.svc:8265"
     assert "get secret batchinfer" in cluster.token_command("batchinfer")
 
@@ -409,18 +420,122 @@ def test_standing_raycluster_scales_gpus_to_zero_and_serves_the_jobs_api(
         cluster.render_raycluster(s, name="__")
 
 
-def test_the_manifest_carries_the_spec_without_credentials(
+def test_the_manifest_carries_the_spec_and_credentials_only_by_a_secret_s_name(
     validator: jsonschema.protocols.Validator,
 ) -> None:
-    s = spec()
-    text = cluster.manifest_yaml(cluster.render_kuberay(s))
-    assert "AKIAEXAMPLE" not in text and "hush" not in text
-    m = yaml.safe_load(text)
+    s = spec(text=JOB_WITH_KEYS)
+    # Credentials in the spec: refused, saying how to give the pods access instead.
+    with pytest.raises(SpecError) as refused:
+        cluster.render_kuberay(s)
+    message = str(refused.value)
+    assert "input.storage_options.key" in message and "input.storage_options.secret" in message
+    assert "output.storage_options.client_kwargs.aws_session_token" in message
+    assert "--env-secret" in message and "batchinfer-ray" in message
+    assert not [x for x in SECRETS if x in message], "the error names keys, never values"
+
+    m = cluster.render_kuberay(s, env_secrets=("s3-creds",))
+    text = cluster.manifest_yaml(m)
+    assert not [x for x in SECRETS if x in text], "no credential value in the manifest"
+    validator.validate(m)
+    pods = [m["spec"]["rayClusterSpec"]["headGroupSpec"]["template"]["spec"]]
+    pods += [g["template"]["spec"] for g in m["spec"]["rayClusterSpec"]["workerGroupSpecs"]]
+    for pod in pods:  # every Ray container takes the Secret's keys as its environment
+        for c in pod["containers"]:
+            assert c["envFrom"] == [{"secretRef": {"name": "s3-creds"}}]
     runtime_env = yaml.safe_load(m["spec"]["runtimeEnvYAML"])
     carried = parse_spec(runtime_env["env_vars"]["BATCHINFER_SPEC"])
     assert carried.fingerprint() == s.fingerprint(), "the same job runs on the cluster"
     assert carried.input.storage_options == {"client_kwargs": {"endpoint_url": "http://s3:8333"}}
-    validator.validate(m)
+    assert carried.output.storage_options == {"client_kwargs": {}}
+    # Without credentials in the spec nothing is needed: the service account's role.
+    plain = cluster.render_kuberay(spec())
+    assert "envFrom" not in cluster.manifest_yaml(plain)
+
+
+class FakeJobsClient:
+    """The Jobs API client ``submit_remote`` talks to: no jobs yet; a submission is kept
+    with every file its working directory would upload, read while it still exists."""
+
+    def __init__(self) -> None:
+        self.submitted: list[dict[str, Any]] = []
+
+    def list_jobs(self) -> list[Any]:
+        return []
+
+    def submit_job(self, **kw: Any) -> str:
+        folder = Path(kw["runtime_env"]["working_dir"])
+        kw["files"] = {
+            str(f.relative_to(folder)): f.read_text() for f in folder.rglob("*") if f.is_file()
+        }
+        self.submitted.append(kw)
+        return str(kw["submission_id"])
+
+
+@pytest.fixture
+def jobs_client(monkeypatch: pytest.MonkeyPatch) -> FakeJobsClient:
+    fake = FakeJobsClient()
+    monkeypatch.setattr(cluster, "client", lambda address: fake)
+    return fake
+
+
+def test_a_jobs_api_submission_writes_no_credential_into_the_job_s_files(
+    tmp_path: Path, jobs_client: FakeJobsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB_WITH_KEYS)
+    # Refused as it stands: the spec would ship the keys in job.yaml on the cluster.
+    with pytest.raises(SpecError) as refused:
+        cluster.submit_remote("http://h:8265", job)
+    message = str(refused.value)
+    assert "--credentials-to-env" in message and "--env-from-local" in message
+    assert not [x for x in SECRETS if x in message]
+    assert jobs_client.submitted == [], "nothing was sent"
+
+    # Asked to: the files have no credential; the job's environment carries them.
+    cluster.submit_remote("http://h:8265", job, credentials_to_env=True)
+    (sub,) = jobs_client.submitted
+    shipped = "".join(sub["files"].values()) + sub["entrypoint"] + json.dumps(sub["metadata"])
+    assert set(sub["files"]) == {"job.yaml"}
+    assert not [x for x in SECRETS if x in shipped], "no credential in a file or the command"
+    env = sub["runtime_env"]["env_vars"]
+    assert set(env) == {cluster.CREDENTIALS_ENV, "PYTHONUNBUFFERED"}
+    # On the cluster, the remote CLI puts them back: the same storage options as here.
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "remote.yaml").write_text(sub["files"]["job.yaml"])
+    monkeypatch.setenv(cluster.CREDENTIALS_ENV, env[cluster.CREDENTIALS_ENV])
+    there = cluster.load_job("remote.yaml")
+    here = load_spec(job)
+    assert there.input.storage_options == here.input.storage_options
+    assert there.output.storage_options == here.output.storage_options
+    assert there.fingerprint() == here.fingerprint()
+
+
+def test_variables_from_here_go_into_the_job_s_environment_only(
+    tmp_path: Path, jobs_client: FakeJobsClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAEXAMPLE")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hush-input")
+    cluster.submit_remote(
+        "http://h:8265", job, pass_env=["AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY"]
+    )
+    (sub,) = jobs_client.submitted
+    assert sub["runtime_env"]["env_vars"] == {
+        "AWS_ACCESS_KEY_ID": "AKIAEXAMPLE",
+        "AWS_SECRET_ACCESS_KEY": "hush-input",
+        "PYTHONUNBUFFERED": "1",
+    }
+    assert not [x for x in SECRETS if x in "".join(sub["files"].values())]
+    monkeypatch.delenv("AWS_SESSION_TOKEN", raising=False)
+    for name, why in (
+        ("AWS_SESSION_TOKEN", "not set here"),
+        ("PYTHONPATH", "batchinfer sets that one"),  # Ray would refuse to merge it
+        ("A=B", "variable's name"),
+    ):
+        with pytest.raises(SpecError, match=why):
+            cluster.submit_remote("http://h:8265", job, pass_env=[name])
+    assert len(jobs_client.submitted) == 1
 
 
 def test_cpu_job_gets_a_cpu_worker_group(validator: jsonschema.protocols.Validator) -> None:
@@ -453,17 +568,32 @@ def test_fractional_gpus_share_a_pod(validator: jsonschema.protocols.Validator) 
 
 def test_render_kuberay_cli_writes_a_manifest(tmp_path: Path) -> None:
     job = tmp_path / "job.yaml"
-    job.write_text(JOB)
+    job.write_text(JOB_WITH_KEYS)
     out = tmp_path / "rayjob.yaml"
-    res = batchinfer(
-        "render", "kuberay", str(job), "--set", "resources.replicas=1", "--image", "img:1",
-        "--run-id", "Nightly_7", "-o", str(out),
-    )  # fmt: skip
+    args = ("render", "kuberay", str(job), "--set", "resources.replicas=1", "--image", "img:1")
+    res = batchinfer(*args, "-o", str(out))
+    assert res.returncode == 2 and "--env-secret" in res.stderr and not out.exists()
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = batchinfer(*args, "--run-id", "Nightly_7", "--env-secret", "s3-creds", "-o", str(out))
     assert res.returncode == 0, res.stderr
     assert "credentials left out" in res.stderr and "kubectl apply -f" in res.stderr
     m = yaml.safe_load(out.read_text())
     assert m["metadata"]["name"] == "nightly-7"
     assert m["spec"]["rayClusterSpec"]["workerGroupSpecs"][0]["replicas"] == 1
+    assert not [x for x in SECRETS if x in out.read_text()]
+
+
+def test_submit_with_credentials_in_the_spec_is_refused_before_reaching_the_cluster(
+    tmp_path: Path,
+) -> None:
+    job = tmp_path / "job.yaml"
+    job.write_text(JOB_WITH_KEYS)
+    res = batchinfer("submit", str(job), "--address", "http://127.0.0.1:9")
+    assert res.returncode == 2, res.stderr
+    assert "--credentials-to-env" in res.stderr and "input.storage_options.key" in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    res = batchinfer("submit", str(job), "--credentials-to-env")
+    assert res.returncode == 2 and "--address http://" in res.stderr
 
 
 def test_render_raycluster_cli_says_where_the_jobs_api_and_token_are(tmp_path: Path) -> None:
@@ -541,7 +671,7 @@ class FakeRemote:
         self.opened = 0
         self.stopped: list[str] = []
         self.log = "".join(f"{x}\n" for x in streams[-1] if isinstance(x, str))
-        monkeypatch.setattr(cli, "RECONNECT_S", 0.0)
+        monkeypatch.setattr(remote, "RECONNECT_S", 0.0)
         monkeypatch.setattr(cluster, "submit_remote", self.submit_remote)
         monkeypatch.setattr(cluster, "tail_logs", self.tail_logs)
         monkeypatch.setattr(cluster, "remote_state", self.remote_state)
