@@ -52,6 +52,7 @@ import yaml
 
 from batch.errors import ConfigurationError, SpecError, TransientError
 from batch.spec import JobSpec, load_spec, parse_spec
+from batch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -675,10 +676,8 @@ class RemoteEvents:
         return stats, d["chunks"]
 
 
-def _summary(doc: Mapping[str, Any]) -> Any:
+def _summary(doc: Mapping[str, Any]) -> RunSummary:
     """The remote run's ``finished`` event as a RunSummary (for the local reporter)."""
-    from batch.summary import RunSummary
-
     return RunSummary(
         job=str(doc.get("job", "")),
         output=str(doc.get("output", "")),
