@@ -6,6 +6,7 @@ Heavy modules (Ray, vLLM, torch) are imported inside the commands that need them
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import sys
@@ -83,18 +84,65 @@ def _configure_logging(verbose: bool, json_lines: bool) -> None:
 
 class _JsonFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
-        return json.dumps(
-            {
-                "ts": round(record.created, 3),
-                "level": record.levelname.lower(),
-                "logger": record.name,
-                "message": record.getMessage(),
-            }
-        )
+        doc = {
+            "ts": round(record.created, 3),
+            "level": record.levelname.lower(),
+            "logger": record.name,
+            "message": record.getMessage(),
+        }
+        if record.exc_info:
+            doc["traceback"] = self.formatException(record.exc_info)
+        return json.dumps(doc)
+
+
+log = logging.getLogger(__name__)
+
+
+def _one_line(text: str) -> str:
+    """A message as one line: a spec error's problems, one per line, joined with "; "."""
+    lines = [ln.strip() for ln in text.strip().splitlines() if ln.strip()]
+    if not lines:
+        return "no message"
+    head, rest = lines[0], lines[1:]
+    if not rest:
+        return head
+    return head + (" " if head.endswith(":") else "; ") + "; ".join(rest)
+
+
+def _explain(exc: BaseException) -> tuple[int, str]:
+    """The exit code and the one line (what happened; what to change) for an error that ends a
+    command: 2 invalid spec or input, 3 another run holds the output, 1 any other failure.
+
+    BatchInferError messages say what to change already; storage errors (a refused path, an
+    output under a file) are put in words by batch.storage; anything else is a bug, shown by
+    its class and message, its traceback in the log with --verbose.
+    """
+    from batch.errors import LeaseHeld
+
+    if isinstance(exc, SpecError):
+        return 2, _one_line(str(exc))
+    if isinstance(exc, LeaseHeld):
+        return 3, _one_line(str(exc))
+    if isinstance(exc, BatchInferError):
+        return 1, _one_line(str(exc))
+    try:
+        from batch.storage import explain
+    except Exception:  # the error may be the import itself
+        text = None
+    else:
+        text = explain(exc)
+    if text is not None:
+        bad_path = getattr(exc, "errno", None) == errno.ENOTDIR  # output.path under a file
+        return (2 if bad_path else 1), _one_line(text)
+    reason = _one_line(str(exc)) if str(exc).strip() else "no message"
+    return 1, (
+        f"{type(exc).__name__}: {reason}; an unexpected error: run again with --verbose for "
+        "the traceback, and report it if the job looks right"
+    )
 
 
 def _fail(message: str, code: int = 1) -> None:
-    typer.echo(f"error: {message}", err=True)
+    typer.echo(f"error: {_one_line(message)}", err=True)
     raise typer.Exit(code)
 
 
@@ -216,7 +264,6 @@ def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: 
     """Run with the reporter that fits the terminal; map errors to one line and an exit code:
     2 invalid spec or input, 3 another run holds the output, 1 any other failure, 130 Ctrl-C.
     """
-    from batch.errors import LeaseHeld
     from batch.progress import JsonLogReporter, NullReporter, RichReporter, summary_line
 
     reporter: NullReporter | JsonLogReporter | RichReporter
@@ -233,12 +280,10 @@ def _run_reported(run: Callable[[Any], RunSummary], *, quiet: bool, json_lines: 
         code = 130
         message = "interrupted: engines released; committed chunks are kept, run the same "
         message += "command to resume"
-    except SpecError as exc:
-        code, message = 2, f"error: {exc}"
-    except LeaseHeld as exc:
-        code, message = 3, f"error: {exc}"
-    except BatchInferError as exc:
-        code, message = 1, f"error: {exc}"
+    except Exception as exc:
+        log.info("the run ended with an error", exc_info=exc)  # shown with --verbose
+        code, text = _explain(exc)
+        message = f"error: {text}"
     if isinstance(reporter, RichReporter):
         reporter.stop()
     if code:
@@ -273,7 +318,13 @@ def _spec_for(target: str, overrides: list[str], storage_options: str | None) ->
 
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         return load_spec(target, overrides)
-    options = yaml.safe_load(storage_options) if storage_options else {}
+    try:
+        options = yaml.safe_load(storage_options) if storage_options else {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not YAML"
+        raise SpecError(
+            f"--storage-options: {problem}; give a YAML mapping, e.g. '{{anon: false}}'"
+        ) from None
     if not isinstance(options, dict):
         raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
     spec = spec_from_output(target, options, overrides)
@@ -287,8 +338,8 @@ def _spec_or_exit(target: str, overrides: list[str], storage_options: str | None
     try:
         return _spec_for(target, overrides, storage_options)
     except SpecError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(2) from None
+        _fail(str(exc), 2)
+        raise
 
 
 @app.command()
@@ -305,8 +356,24 @@ def status(
         ),
     ] = None,
     run_id: RunIdOption = None,
+    repair: Annotated[
+        bool,
+        typer.Option(
+            "--repair",
+            help="Remove parts no marker names (left by a killed run) and rewrite a stale "
+            "manifest. Parts of uncommitted chunks are kept for 15 minutes, in case a worker "
+            "of a killed run is still about to commit them.",
+        ),
+    ] = False,
+    force: Annotated[
+        bool,
+        typer.Option(
+            "--force", help="With --repair: remove such parts at once (no run is still writing)."
+        ),
+    ] = False,
 ) -> None:
-    """Where a job stands: chunks, rows, failures, tokens, elapsed, who holds it.
+    """Where a job stands: chunks committed, pending and orphaned parts, rows, failures,
+    tokens, runs and what they cost, who holds it.
 
     Reads the output alone, so it works from any machine; with --address, also asks the
     cluster about the job's run.
@@ -314,6 +381,8 @@ def status(
     Examples:
 
       batchinfer status out/enrich-reviews/
+
+      batchinfer status out/enrich-reviews/ --repair
 
       batchinfer status jobs/enrich.yaml --json
 
@@ -332,7 +401,7 @@ def status(
             2,
         )
     spec = _spec_or_exit(target, set_ or [], storage_options)
-    doc = output_status(spec)
+    doc = output_status(spec, repair=repair, force=force)
     if address:
         doc["cluster"] = _cluster_status(address, spec, run_id)
     if as_json:
@@ -350,7 +419,14 @@ def status(
     done, total = doc["chunks_done"], doc["chunks_total"]
     rows = [
         ("state", doc["state"]),
-        ("chunks", f"{done:,} / {total:,} ({100 * done / max(1, total):.0f}%)"),
+        ("chunks", f"{done:,} / {total:,} committed ({100 * done / max(1, total):.0f}%), "
+         f"{doc['chunks_pending']:,} pending"),
+        ("in flight or cut short", f"{len(doc['chunks_with_attempts_not_committed']):,} chunks"),
+        ("parts", f"{doc['parts_committed']:,} committed, {len(doc['parts_orphaned']):,} "
+         "orphaned (no marker names them)"),
+        ("manifest", doc["manifest"]),
+        ("runs", f"{len(doc['runs'])} ({doc['paid_not_committed']['runs_unfinished']} killed "
+         f"or running), {doc['paid_not_committed']['rows']:,} rows paid for, not committed"),
         ("rows", f"{doc['rows']:,} in data/ of {doc['input_rows']:,} input rows"),
         ("failed rows", f"{doc['failed_rows']:,} in _failed/"),
         ("tokens", f"{doc['input_tokens']:,} in / {doc['output_tokens']:,} out"),
@@ -361,6 +437,10 @@ def status(
     for k, v in rows:
         table.add_row(k, v)
     Console().print(table)
+    if "repair" in doc:
+        typer.echo(f"repair: {json.dumps(doc['repair'])}")
+    elif doc["parts_orphaned"] or doc["manifest"] == "stale":
+        typer.echo("run `batchinfer status --repair` (or the next submit) to clean up")
 
 
 @app.command("retry-failed")
@@ -432,16 +512,9 @@ def ledger(
     if reprice:
         from batch.ledger import build_ledger
 
-        markers = store.read_markers(spec, store.list_markers(spec))
-        per_acc = doc["gpu_seconds"] / max(1e-9, _accelerators(spec))
+        markers = store.read_markers(spec)
         try:
-            doc = build_ledger(
-                spec,
-                markers,
-                wall_seconds=doc["wall_seconds"],
-                gpu_seconds=per_acc,
-                engines=doc.get("engine_replicas", 1),
-            )
+            doc = build_ledger(spec, markers, store.read_runs(spec))
         except BatchInferError as exc:
             _fail(str(exc), 2)
             return
@@ -455,12 +528,6 @@ def ledger(
         with fs.open(storage.join(root, name), "wb") as fh:
             fh.write(body)
     typer.echo(f"wrote {spec.output.path.rstrip('/')}/ledger.md and ledger.png")
-
-
-def _accelerators(spec: JobSpec) -> float:
-    from batch.ledger import accelerators
-
-    return accelerators(spec)
 
 
 @app.command("plan")
@@ -854,7 +921,16 @@ def render(
         typer.echo(line, err=True)
 
 def main() -> None:
-    app()
+    """The console script. Whatever goes wrong ends in one line, ``error: <what happened>;
+    <what to change>``, and an exit code (see :func:`_explain`), never a traceback: that goes
+    to the log, shown with --verbose. Ctrl-C exits 130 (typer's own mapping)."""
+    try:
+        app()
+    except Exception as exc:
+        log.info("the command ended with an error", exc_info=exc)  # shown with --verbose
+        code, text = _explain(exc)
+        typer.echo(f"error: {text}", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":

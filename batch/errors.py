@@ -51,6 +51,10 @@ class InputChanged(TerminalError):
     """An input file changed while the job ran (or since it was planned)."""
 
 
+class LeaseLost(TerminalError):
+    """Another run took the output's lease over while this run held it; this run stopped."""
+
+
 class ConfigurationError(TerminalError):
     """The environment cannot run this job (missing package, no such model directory, ...)."""
 
@@ -68,3 +72,17 @@ class RowError(Exception):
 
     def __reduce__(self) -> tuple[object, ...]:
         return (RowError, (self.kind, self.message))
+
+
+class UnsupportedStorage(SpecError, NotImplementedError):
+    """The output cannot live on this filesystem: it has no create-only write, or Ray's worker
+    processes cannot see it (``memory://``)."""
+
+
+class StorageUnreachable(TransientError):
+    """The storage endpoint did not answer, after retries."""
+
+
+class UnreadableRecord(TerminalError):
+    """A small JSON record of the output (lease, marker, manifest) is still not JSON after a
+    few reads: damaged, not merely caught mid-write."""

@@ -23,6 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from batch import store
 from batch.spec import JobSpec
 
 TOKENIZER_NOTE = (
@@ -33,22 +34,67 @@ TOKENIZER_NOTE = (
 
 def usage(markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Rows, failures and tokens over every committed chunk (all runs, retries included)."""
-    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
+    t = store.totals(markers)
     starts = [
         m["timings"]["engine_start"] for m in markers if "engine_start" in m.get("timings", {})
     ]
     ends = [m["timings"]["engine_end"] for m in markers if "engine_end" in m.get("timings", {})]
     return {
-        "rows": sum(int(m["rows"]) for m in markers),
-        "failed_rows": sum(
-            int(m["failed_rows"]) for m in markers if m.get("failed_part") not in superseded
-        ),
-        "chunks": sum(1 for m in markers if not m.get("supersedes")),
-        "input_tokens": sum(int(m["input_tokens"]) for m in markers),
-        "output_tokens": sum(int(m["output_tokens"]) for m in markers),
+        "rows": t.rows,
+        "failed_rows": t.failed_rows,
+        "chunks": t.chunks,
+        "input_tokens": t.input_tokens,
+        "output_tokens": t.output_tokens,
         "engine_window_seconds": round(max(ends) - min(starts), 3) if starts and ends else 0.0,
         **engine_busy(markers),
     }
+
+
+def runs_summary(
+    runs: Sequence[dict[str, Any]], markers: Sequence[dict[str, Any]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Per run: wall time, accelerator-seconds of its engines (killed runs too, as far as
+    their last heartbeat paid), what it committed; and the work paid for but not committed
+    (rows its engines took in that no marker of the run holds: killed runs, failed attempts).
+    """
+    committed: dict[str, tuple[int, int]] = {}
+    for m in markers:
+        c, r = committed.get(str(m.get("run_id", "")), (0, 0))
+        committed[str(m.get("run_id", ""))] = (c + 1, r + int(m["rows"]) + int(m["failed_rows"]))
+    out = []
+    lost_rows = lost_chunks = 0
+    for run in runs:
+        engines = run.get("engines", [])
+        gpu = sum(
+            store.engine_seconds(run, e) * float(e.get("accelerators", 1.0)) for e in engines
+        )
+        chunks, rows = committed.get(str(run["run_id"]), (0, 0))
+        started = sum(int(e.get("rows_started", 0)) for e in engines)
+        started_chunks = sum(int(e.get("chunks_started", 0)) for e in engines)
+        lost_rows += max(0, started - rows)
+        lost_chunks += max(0, started_chunks - chunks)
+        out.append(
+            {
+                "run_id": run["run_id"],
+                "kind": run.get("kind", "submit"),
+                "state": run.get("state") if run.get("finished_at") else "killed or running",
+                "started_at": run.get("started_at"),
+                "wall_seconds": round(store.run_wall_seconds(run), 3),
+                "gpu_seconds": round(gpu, 3),
+                "engine_replicas": len(engines),
+                "chunks_committed": chunks,
+                "rows_committed": rows,
+                "rows_started": started,
+            }
+        )
+    unfinished = [r for r in out if r["state"] != "finished"]
+    paid_not_committed = {
+        "rows": lost_rows,
+        "chunk_attempts": lost_chunks,
+        "gpu_seconds_of_unfinished_runs": round(sum(r["gpu_seconds"] for r in unfinished), 3),
+        "runs_unfinished": len(unfinished),
+    }
+    return out, paid_not_committed
 
 
 def engine_busy(markers: Sequence[dict[str, Any]]) -> dict[str, float]:
@@ -183,16 +229,16 @@ def check(spec: JobSpec) -> float:
 def build_ledger(
     spec: JobSpec,
     markers: Sequence[dict[str, Any]],
-    *,
-    wall_seconds: float,
-    gpu_seconds: float,
-    engines: int,
+    runs: Sequence[dict[str, Any]],
 ) -> dict[str, Any]:
-    """The ledger document (``ledger.json``)."""
+    """The ledger document (``ledger.json``): usage from the markers, time from every run."""
     use = usage(markers)
+    per_run, paid_not_committed = runs_summary(runs, markers)
+    wall_seconds = sum(r["wall_seconds"] for r in per_run)
+    engines = max((r["engine_replicas"] for r in per_run), default=0)
     table = load_table(spec)
     rate, rate_row = price_rate(spec, table)
-    accel_seconds = round(gpu_seconds * accelerators(spec), 3)
+    accel_seconds = round(sum(r["gpu_seconds"] for r in per_run), 3)
     run_cost = accel_seconds / 3600 * rate  # from the rounded figure: the ledger adds up
     tokens = use["input_tokens"] + use["output_tokens"]
     window = use["engine_window_seconds"] or wall_seconds
@@ -227,11 +273,18 @@ def build_ledger(
         "price_table_version": table.version,
         "price_rows": {"rate": rate_row, "comparators": used},
         "comparisons": comparisons,
+        "runs": per_run,
+        "paid_not_committed": paid_not_committed,
         "notes": [
             TOKENIZER_NOTE,
-            "gpu_seconds: accelerator-seconds held by the engine actors of the last run, "
-            "from actor start (model load included) to release, idle time included; on "
-            "device cpu they are instance-seconds and gpu_hour_usd is the instance rate.",
+            "gpu_seconds: accelerator-seconds held by the engine actors of every run of "
+            "the job (see runs), from actor start (model load included) to release, idle "
+            "time included; a run killed before it released its engines counts up to its "
+            "engines' last heartbeat, billed ahead in 10 s steps. wall_seconds: the runs' "
+            "wall times added up. On device cpu they are instance-seconds and gpu_hour_usd "
+            "is the instance rate.",
+            "paid_not_committed: rows the engines took in that no committed chunk holds "
+            "(runs killed mid-chunk, failed engine attempts): paid for, done again.",
             "savings_vs_batch = 1 - run_cost_usd / batch_usd; cost_ratio = batch_usd / "
             "run_cost_usd; break_even_rows_per_day: rows a day from which a dedicated "
             "accelerator (rate x 24 h) is cheaper than the batch API, to be compared with "

@@ -28,9 +28,10 @@ import pyarrow as pa
 from batch import cpus, storage, store
 from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
-from batch.errors import BatchInferError, TerminalError
+from batch.errors import BatchInferError, LeaseLost, TerminalError
 from batch.progress import Reporter
 from batch.spec import JobSpec
+from batch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +51,6 @@ class ChunkWork:
     prior_attempts: list[int] = field(default_factory=list)  # per row, for retried rows
 
 
-@dataclass
-class RunSummary:
-    job: str
-    output: str
-    chunks: int
-    chunks_run: int
-    rows: int
-    failed_rows: int
-    input_tokens: int
-    output_tokens: int
-    wall_seconds: float
-    gpu_seconds: float
-    already_complete: bool = False
-
-    @property
-    def tokens_per_second(self) -> float:
-        return (
-            (self.input_tokens + self.output_tokens) / self.wall_seconds
-            if self.wall_seconds
-            else 0.0
-        )
-
-    @property
-    def output_tokens_per_second(self) -> float:
-        return self.output_tokens / self.wall_seconds if self.wall_seconds else 0.0
-
-
 # --------------------------------------------------------------------------- stages
 
 
@@ -88,7 +62,9 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
     spec = JobSpec.model_validate_json(spec_json)
     chunk: planning.Chunk = pickle.loads(row["chunk"])
     t0 = time.perf_counter()
-    table = planning.read_chunk(spec, chunk, protocol)
+    # The file must still be the one planned (rows, size, footer): else InputChanged stops the
+    # job rather than commit rows of another file under this chunk's id.
+    table = planning.read_chunk(spec, chunk, protocol, expected=row.get("identity") or None)
     prior: list[int] = []
     if chunk.retry_of:
         if store.ATTEMPT in table.column_names:
@@ -197,16 +173,27 @@ class EngineStage:
     """
 
     def __init__(
-        self, spec_json: str, model_path: str, session: cpus.Session | None = None
+        self,
+        spec_json: str,
+        model_path: str,
+        session: cpus.Session | None = None,
+        run_id: str = "",
     ) -> None:
         from batch.engine import build_engine
+        from batch.ledger import accelerators
 
         self.created = time.time()
         self.actor = uuid.uuid4().hex[:12]
+        self.run_id = run_id
         self.spec = JobSpec.model_validate_json(spec_json)
         self.fs, self.root = storage.open_fs(
             self.spec.output.path, self.spec.output.storage_options
         )
+        # The accelerator is held from now on (model load included): record it durably, so a
+        # run killed at any moment has still billed the time its engines held.
+        self.clock = store.EngineClock(
+            self.fs, self.root, run_id, self.actor, accelerators=accelerators(self.spec)
+        ).start()
         if self.spec.model.engine == "vllm":
             from batch.models import resolve_model
 
@@ -236,26 +223,30 @@ class EngineStage:
     async def _run(self, work: ChunkWork) -> list[EngineResult]:
         chunk_id = work.chunk.chunk_id
         limit = self.spec.resources.max_attempts
-        last_error = "the engine died while running this chunk"
         while True:
-            # An object-store write: off the event loop, which other chunks' results share.
+            # Object-store reads and writes: off the event loop, which other chunks share.
+            failures, last_error = await asyncio.to_thread(
+                store.prior_failures, self.fs, self.root, chunk_id, self.run_id
+            )
+            if failures >= limit:
+                log.error("giving up on chunk %s after %d failed attempts", chunk_id, failures)
+                message = f"gave up after {failures} failed attempts; last error: {last_error}"
+                work.attempts = failures
+                return [
+                    EngineResult(key=r.key, error_kind="ChunkFailed", error=message[:500])
+                    for r in work.requests
+                ]
             attempt = await asyncio.to_thread(
                 store.begin_attempt,
                 self.fs,
                 self.root,
                 chunk_id,
-                {"actor": self.actor, "at": time.time()},
+                {"run": self.run_id, "actor": self.actor, "at": time.time()},
             )
-            work.attempts = min(attempt, limit)
-            if attempt > limit:
-                log.error("giving up on chunk %s after %d attempts", chunk_id, limit)
-                message = f"gave up after {limit} attempts; last error: {last_error}"
-                return [
-                    EngineResult(key=r.key, error_kind="ChunkFailed", error=message[:500])
-                    for r in work.requests
-                ]
+            work.attempts = failures + 1
+            self.clock.started_chunk(work.chunk.rows)
             try:
-                async with self.gate.enter(alone=attempt > 1):
+                async with self.gate.enter(alone=failures > 0):
                     # The engine window of this chunk: from its requests reaching the engine
                     # to its last result (the ledger's busy/idle accounting reads these).
                     work.timings["engine_start"] = time.time()
@@ -263,8 +254,11 @@ class EngineStage:
                     work.timings["engine_end"] = time.time()
                     return results
             except Exception as exc:
-                last_error = f"{type(exc).__name__}: {exc}"[:300]
-                log.warning("chunk %s attempt %d failed: %s", chunk_id, attempt, last_error)
+                error = f"{type(exc).__name__}: {exc}"[:300]
+                log.warning("chunk %s attempt %d failed: %s", chunk_id, attempt, error)
+                await asyncio.to_thread(
+                    store.fail_attempt, self.fs, self.root, chunk_id, attempt, error
+                )
                 if not self.engine.healthy():
                     # A dead engine cannot be revived in place; end the actor so Ray
                     # restarts it with a fresh engine and resubmits its chunks.
@@ -273,7 +267,9 @@ class EngineStage:
                     os._exit(1)
 
 
-def commit_work(row: dict[str, Any], spec_json: str, fingerprint: str) -> dict[str, Any]:
+def commit_work(
+    row: dict[str, Any], spec_json: str, fingerprint: str, run_id: str = ""
+) -> dict[str, Any]:
     """Commit task: results -> output columns -> parts and marker. Returns only stats."""
     from pipelines import load_pipeline
 
@@ -283,8 +279,9 @@ def commit_work(row: dict[str, Any], spec_json: str, fingerprint: str) -> dict[s
     data, failed = build_tables(spec, work, load_pipeline(spec))
     extra = {"engine": work.engine, "timings": work.timings}
     marker = store.commit_chunk(
-        spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts
-    )
+        spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
+        run_id=run_id,
+    )  # fmt: skip
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
     return {"stats": pickle.dumps(marker)}
 
@@ -403,7 +400,11 @@ def _local_model(spec: JobSpec) -> bool:
 
 
 def build_dataset(
-    spec: JobSpec, plan: planning.Plan, model_path: str, session: cpus.Session | None = None
+    spec: JobSpec,
+    plan: planning.Plan,
+    model_path: str,
+    session: cpus.Session | None = None,
+    run_id: str = "",
 ) -> Any:
     """The chunk pipeline. With ``session`` (a local Ray this run started) and the CPU device,
     engine actors keep the run's other processes off the engine's cores (batch.cpus)."""
@@ -411,7 +412,10 @@ def build_dataset(
 
     spec_json = spec.model_dump_json()
     res = spec.resources
-    items = [{"chunk": pickle.dumps(c)} for c in plan.pending]
+    identities = plan.identities
+    items = [
+        {"chunk": pickle.dumps(c), "identity": identities.get(c.path, "")} for c in plan.pending
+    ]
     ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
     # Light stages ask for a fraction of a CPU so reads and commits always find room next to
     # the engines (logical CPUs are a scheduling budget; see docs/architecture.md).
@@ -434,6 +438,7 @@ def build_dataset(
             "spec_json": spec_json,
             "model_path": model_path,
             "session": session if res.device == "cpu" and res.isolate_engine_cpus else None,
+            "run_id": run_id,
         },
         compute=ray.data.ActorPoolStrategy(
             size=res.replicas,
@@ -444,7 +449,7 @@ def build_dataset(
     )
     ds = ds.map(
         commit_work,
-        fn_kwargs={"spec_json": spec_json, "fingerprint": plan.fingerprint},
+        fn_kwargs={"spec_json": spec_json, "fingerprint": plan.fingerprint, "run_id": run_id},
         num_cpus=0.25,
     )
     return ds
@@ -463,13 +468,13 @@ def run_job(
 
     Resuming is what a second call does: chunks with a marker are skipped. A call on an output
     made by a different spec is refused; while another run holds the output's lease, the call
-    waits (``wait``) or raises ``LeaseHeld``.
+    waits (``wait``) or raises ``LeaseHeld``. A call on a complete output only repairs it
+    (a stale manifest, parts no marker names) and reports it.
     """
+    from batch import ledger
     from pipelines import load_pipeline
 
     started = time.time()
-    from batch import ledger
-
     pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
     usd_per_hour = ledger.check(spec)  # and on a bad price override or comparator
     plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
@@ -481,86 +486,164 @@ def run_job(
         rows=plan.total_rows,
         chunks=len(plan.chunks),
     )
-    store.ensure_job_record(spec, record)  # refuses an output made by another spec
+    record = store.ensure_job_record(spec, record)  # refuses an output made by another spec
     reporter.planned(planning.describe(plan))
-    manifest = store.read_output_json(spec, store.MANIFEST)
-    if manifest is not None and not plan.pending:
+    if not plan.pending and _manifest_current(spec):
         reporter.message("output already complete; nothing to do")
-        return _summary_from(spec, manifest, plan, already_complete=True)
-    with store.hold_lease(spec, ttl=lease_ttl, wait=wait):
+        return _summary(spec, plan, record, chunks_run=0, wall=0.0, gpu=0.0, complete=True)
+    with _LeaseAndRun(spec, "submit", ttl=lease_ttl, wait=wait) as held:
         if wait:  # the run we waited for may have committed chunks meanwhile
             plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
         return _run_pending(
-            spec, plan, reporter, started, address=address, verbose=verbose,
+            spec, plan, record, reporter, started, held, address=address, verbose=verbose,
             usd_per_hour=usd_per_hour,
         )  # fmt: skip
+
+
+def _manifest_current(spec: JobSpec) -> bool:
+    """The manifest lists exactly what the markers commit (no repair needed)."""
+    manifest = store.read_output_json(spec, store.MANIFEST)
+    if manifest is None:
+        return False
+    t = store.totals(store.read_markers(spec))
+    return bool(
+        manifest.get("data_parts") == t.data_parts
+        and manifest.get("failed_parts") == t.failed_parts
+    )
+
+
+class _LeaseAndRun:
+    """Hold the output's lease with a run record that beats with it; a lost lease interrupts
+    the driver's main thread, which then stops the run with ``LeaseLost``."""
+
+    def __init__(self, spec: JobSpec, kind: str, *, ttl: float, wait: bool) -> None:
+        self.spec, self.kind, self.ttl, self.wait = spec, kind, ttl, wait
+        self.run: store.Run | None = None
+        self.lease: store.Lease | None = None
+        self._stack = contextlib.ExitStack()
+
+    def __enter__(self) -> _LeaseAndRun:
+        self.lease = self._stack.enter_context(
+            store.hold_lease(
+                self.spec, ttl=self.ttl, wait=self.wait, on_beat=self._beat, on_lost=_interrupt
+            )
+        )
+        self.run = store.start_run(self.spec, self.kind)
+        return self
+
+    def _beat(self) -> None:
+        if self.run is not None:
+            self.run.beat()
+
+    def __exit__(self, *exc: object) -> None:
+        self._stack.close()
+
+    @property
+    def lost(self) -> bool:
+        return bool(self.lease and self.lease.lost)
+
+
+def _interrupt() -> None:
+    import _thread
+
+    _thread.interrupt_main()
 
 
 def _run_pending(
     spec: JobSpec,
     plan: planning.Plan,
+    record: dict[str, Any],
     reporter: Reporter,
     started: float,
+    held: _LeaseAndRun,
     *,
     address: str | None,
     verbose: bool,
-    rewrite_manifest: bool = False,
     usd_per_hour: float = 0.0,
 ) -> RunSummary:
-    from batch.ledger import build_ledger
-
+    assert held.run is not None
+    run = held.run
     model_path = spec.model.path
-    if spec.model.engine == "vllm" and not address:
+    if spec.model.engine == "vllm" and not address and plan.pending:
         from batch.models import resolve_model
 
         # Prepare a bundled model once, before any engine starts, so its one-off conversion
         # is not billed as engine time; engine actors then find it cached.
         model_path = resolve_model(spec.model.path)
     engines: dict[str, dict[str, Any]] = {}
-    if plan.pending:
-        try:
-            with ray_session(address, verbose=verbose, hub_offline=_local_model(spec)) as session:
-                _configure_ray_data(verbose)
-                ds = build_dataset(spec, plan, model_path, session)
-                reporter.engines_starting(spec.resources.replicas, usd_per_hour)
-                try:
-                    for row in ds.iter_rows():
-                        stats = pickle.loads(row["stats"])
-                        engines[stats["engine"].get("actor", "")] = stats["engine"]
-                        reporter.chunk_done(stats)
-                except Exception as exc:
-                    raise _one_line(exc) from exc
-                finally:
-                    released = time.time()
-        finally:
-            if not address:  # on a cluster the engines' machines are Ray's to clean
-                reap(engines)
-    else:
-        released = time.time()
-    markers = store.read_markers(spec, store.list_markers(spec))
-    gpu_seconds = sum(released - e["created"] for e in engines.values() if e.get("created"))
-    wall = time.time() - started
-    ledger = build_ledger(
-        spec, markers, wall_seconds=wall, gpu_seconds=gpu_seconds, engines=len(engines)
+    released: float | None = None
+    state = "failed"
+    try:
+        if plan.pending:
+            try:
+                with ray_session(
+                    address, verbose=verbose, hub_offline=_local_model(spec)
+                ) as session:
+                    _configure_ray_data(verbose)
+                    ds = build_dataset(spec, plan, model_path, session, run.run_id)
+                    reporter.engines_starting(spec.resources.replicas, usd_per_hour)
+                    try:
+                        for row in ds.iter_rows():
+                            stats = pickle.loads(row["stats"])
+                            engines[stats["engine"].get("actor", "")] = stats["engine"]
+                            reporter.chunk_done(stats)
+                    except KeyboardInterrupt:
+                        if held.lost:
+                            raise LeaseLost(
+                                f"another run took over the lease on {spec.output.path} (this "
+                                "run could not renew it in time); this run stopped, its "
+                                "committed chunks are kept. Check `batchinfer status` before "
+                                "running again."
+                            ) from None
+                        state = "interrupted"
+                        raise
+                    except Exception as exc:
+                        raise _one_line(exc) from exc
+                    finally:
+                        released = time.time()
+            finally:
+                if not address:  # on a cluster the engines' machines are Ray's to clean
+                    reap(engines)
+        state = "finished"
+    finally:
+        run.finish(state=state, released_at=released)
+    return finalize(
+        spec, record, plan, reporter, started, chunks_run=len(plan.pending), run_id=run.run_id
     )
-    store.write_json(spec, store.LEDGER, ledger, create_only=False)
-    manifest_doc = _manifest(spec, plan, markers, started)
-    if rewrite_manifest:  # retry-failed changed a complete output, under the lease
-        store.write_json(spec, store.MANIFEST, manifest_doc, create_only=False)
-    elif not store.write_json(spec, store.MANIFEST, manifest_doc, create_only=True):
-        log.info("the manifest was already written by another run of this job")
-    summary = RunSummary(
-        job=spec.name,
-        output=spec.output.path,
-        chunks=len(plan.chunks),
-        chunks_run=len(plan.pending),
-        rows=ledger["rows"],
-        failed_rows=ledger["failed_rows"],
-        input_tokens=ledger["input_tokens"],
-        output_tokens=ledger["output_tokens"],
-        wall_seconds=wall,
-        gpu_seconds=gpu_seconds,
-    )
+
+
+def finalize(
+    spec: JobSpec,
+    record: dict[str, Any],
+    plan: planning.Plan,
+    reporter: Reporter,
+    started: float,
+    *,
+    chunks_run: int,
+    run_id: str = "",
+) -> RunSummary:
+    """What every finishing operation does last: remove parts no marker names, rewrite the
+    ledger from every run, and, when every input chunk is committed, the manifest."""
+    from batch.ledger import build_ledger
+
+    markers = store.read_markers(spec)
+    t = store.totals(markers)
+    store.collect_garbage(spec, markers)
+    led = build_ledger(spec, markers, store.read_runs(spec))
+    store.write_json(spec, store.LEDGER, led, create_only=False)
+    complete = store.is_complete(record, t)
+    if complete:
+        store.publish_manifest(spec, store.manifest_doc(spec, record, t, started=started))
+    this_run = [r for r in led["runs"] if r["run_id"] == run_id]
+    summary = _summary(
+        spec, plan, record, chunks_run=chunks_run, wall=time.time() - started,
+        gpu=float(this_run[0]["gpu_seconds"]) if this_run else 0.0, complete=False,
+    )  # fmt: skip
+    if not complete:
+        reporter.message(
+            f"{int(record.get('chunks', 0)) - t.chunks} input chunks are not committed yet: "
+            "run `batchinfer submit` with this job to finish them (no manifest until then)"
+        )
     reporter.finished(summary)
     return summary
 
@@ -568,11 +651,10 @@ def _run_pending(
 _RETRY_ID = re.compile(r"^(?P<base>.+?)\.retry(?P<n>\d+)$")
 
 
-def retry_chunk_id(failed_part: str) -> str:
-    """``_failed/part-<id>.parquet`` -> ``<id>.retry1``; a retry of a retry counts up."""
-    cid = failed_part.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
-    m = _RETRY_ID.match(cid)
-    return f"{m['base']}.retry{int(m['n']) + 1}" if m else f"{cid}.retry1"
+def retry_chunk_id(chunk_id: str) -> str:
+    """The retry of a chunk's failed rows: ``<id>.retry1``; a retry of a retry counts up."""
+    m = _RETRY_ID.match(chunk_id)
+    return f"{m['base']}.retry{int(m['n']) + 1}" if m else f"{chunk_id}.retry1"
 
 
 def retry_failed(
@@ -587,81 +669,64 @@ def retry_failed(
     """Reprocess only the rows in ``_failed/`` (e.g. after raising max_model_len).
 
     Each failed part becomes a retry chunk whose parts and marker are committed like any
-    chunk; its marker names the failed part it takes over, which is then removed. A row
+    chunk; its marker names the failed part it takes over (see :mod:`batch.store`). A row
     therefore ends up in ``data/`` or still in ``_failed/`` (with its attempt count one
-    higher), never both; a retry cut short is finished by the next command on the output.
+    higher), never both. The spec must be the job's own (speed settings aside): a changed
+    model, prompt or pipeline would mix two jobs in one output.
     """
     started = time.time()
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
     record = store.read_job_record(fs, root)
     if record is None:
         raise TerminalError(
-            f"{spec.output.path} holds no batchinfer job (no {store.JOB_RECORD})"
+            f"{spec.output.path} holds no batchinfer job (no {store.JOB_RECORD}): run "
+            "`batchinfer submit` first"
         )
-    with store.hold_lease(spec, ttl=lease_ttl, wait=wait):
-        markers = store.read_markers(spec, store.list_markers(spec))
-        cleaned = store.clean_superseded(spec, markers)
-        if cleaned:
-            log.info("finished %d retries that were cut short", cleaned)
-        parts = sorted(store.live_failed_parts(markers))
+    store.check_retry_spec(spec, record)
+    with _LeaseAndRun(spec, "retry-failed", ttl=lease_ttl, wait=wait) as held:
+        markers = store.read_markers(spec)
+        owner = {m["failed_part"]: m["chunk_id"] for m in markers if m.get("failed_part")}
         chunks = []
         files = []
-        for part in parts:
+        for part in store.totals(markers).failed_parts:
             rows, _ = planning.read_footer(fs, storage.join(root, part))
-            cid = retry_chunk_id(part)
-            chunks.append(planning.Chunk(cid, part, part, 0, rows, retry_of=part))
+            cid = retry_chunk_id(str(owner[part]))
+            chunks.append(store.Chunk(cid, part, part, 0, rows, retry_of=part))
             files.append(planning.InputFile(part, part, rows))
         plan = planning.Plan(files=files, chunks=chunks, done=set(), schema=pa.schema([]),
                              protocol="file")  # fmt: skip
         plan.pending = list(chunks)
-        plan.fingerprint = store.job_fingerprint(spec, str(record["input"]["listing"]))
+        plan.fingerprint = str(record["fingerprint"])
         reporter.planned(planning.describe(plan))
         return _run_pending(
-            spec, plan, reporter, started, address=address, verbose=verbose,
-            rewrite_manifest=True,
-        )  # fmt: skip
+            spec, plan, record, reporter, started, held, address=address, verbose=verbose
+        )
 
 
-def _manifest(
-    spec: JobSpec, plan: planning.Plan, markers: list[dict[str, Any]], started: float
-) -> dict[str, Any]:
-    from batch import __version__
-
-    live = store.live_failed_parts(markers)
-    return {
-        "job": spec.name,
-        "fingerprint": plan.fingerprint,
-        "input": spec.input.path,
-        "output": spec.output.path,
-        "files": len(plan.files),
-        "chunks": sum(1 for m in markers if not m.get("supersedes")),
-        "retries": sum(1 for m in markers if m.get("supersedes")),
-        "rows": sum(m["rows"] for m in markers),
-        "failed_rows": sum(m["failed_rows"] for m in markers if m.get("failed_part") in live),
-        "data_parts": sorted(m["data_part"] for m in markers if m.get("data_part")),
-        "failed_parts": sorted(live),
-        "started_at": started,
-        "finished_at": time.time(),
-        "batchinfer_version": __version__,
-    }
-
-
-def _summary_from(
-    spec: JobSpec, manifest: dict[str, Any], plan: planning.Plan, *, already_complete: bool
+def _summary(
+    spec: JobSpec,
+    plan: planning.Plan,
+    record: dict[str, Any],
+    *,
+    chunks_run: int,
+    wall: float,
+    gpu: float,
+    complete: bool,
 ) -> RunSummary:
-    ledger = store.read_output_json(spec, store.LEDGER) or {}
+    manifest = store.read_output_json(spec, store.MANIFEST) or {}
+    led = store.read_output_json(spec, store.LEDGER) or {}
     return RunSummary(
         job=spec.name,
         output=spec.output.path,
-        chunks=len(plan.chunks),
-        chunks_run=0,
-        rows=int(manifest.get("rows", 0)),
-        failed_rows=int(manifest.get("failed_rows", 0)),
-        input_tokens=int(ledger.get("input_tokens", 0)),
-        output_tokens=int(ledger.get("output_tokens", 0)),
-        wall_seconds=0.0,
-        gpu_seconds=0.0,
-        already_complete=already_complete,
+        chunks=int(record.get("chunks", len(plan.chunks))),
+        chunks_run=chunks_run,
+        rows=int(led.get("rows", manifest.get("rows", 0))),
+        failed_rows=int(led.get("failed_rows", manifest.get("failed_rows", 0))),
+        input_tokens=int(led.get("input_tokens", 0)),
+        output_tokens=int(led.get("output_tokens", 0)),
+        wall_seconds=wall,
+        gpu_seconds=gpu,
+        already_complete=complete,
     )
 
 

@@ -24,6 +24,7 @@ import logging
 import os
 import posixpath
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, TypeVar
 
@@ -39,6 +40,8 @@ from tenacity import (
     stop_after_attempt,
     wait_exponential_jitter,
 )
+
+from batch.errors import StorageUnreachable, UnreadableRecord, UnsupportedStorage
 
 log = logging.getLogger(__name__)
 
@@ -169,7 +172,80 @@ def _retrying(fn: Callable[[], _T]) -> _T:
         before_sleep=before_sleep_log(log, logging.WARNING),
         reraise=True,
     )
-    return retrying(fn)
+    try:
+        return retrying(fn)
+    except Exception as exc:
+        endpoint = _unreachable(exc)
+        if endpoint is None:
+            raise
+        reason = " ".join(str(exc).split())
+        raise StorageUnreachable(
+            f"cannot reach {endpoint}: {reason}; check that the storage server is up and that "
+            "storage_options.client_kwargs.endpoint_url names it"
+        ) from exc
+
+
+def _unreachable(exc: BaseException) -> str | None:
+    """The endpoint (scheme://host:port) of a connection that failed, or None for any other
+    error: an answer from the server (5xx, throttling) is not "unreachable"."""
+    from urllib.parse import urlsplit
+
+    if is_precondition_failed(exc) or any(_response(e)[1] for e in _chain(exc)):
+        return None
+    for e in _chain(exc):
+        names = {c.__name__ for c in type(e).__mro__}
+        if not (names & _TRANSIENT_CLASS_NAMES or isinstance(e, TimeoutError | ConnectionError)):
+            continue
+        kwargs = getattr(e, "kwargs", None)  # botocore: the request's URL
+        url = str(kwargs.get("endpoint_url", "")) if isinstance(kwargs, Mapping) else ""
+        if url:
+            parts = urlsplit(url)
+            return f"{parts.scheme}://{parts.netloc}" if parts.netloc else url
+        host = getattr(e, "host", None)  # aiohttp
+        if host:
+            return f"{host}:{getattr(e, 'port', '')}".rstrip(":")
+        return "the storage endpoint"
+    return None
+
+
+def explain(exc: BaseException) -> str | None:
+    """One line for a storage error that reached the user: what happened and what to change;
+    None if ``exc`` is not one (the caller then says what it can).
+
+    A local path's OSError carries the path; the messages this module builds (a refused
+    listing or read) already say what to grant and are kept as they are.
+    """
+    if not isinstance(exc, OSError):
+        return None
+    where = exc.filename if isinstance(exc.filename, str) else ""
+    reason = exc.strerror or " ".join(str(exc).split())
+    if isinstance(exc, PermissionError):
+        if not where:  # ours, or s3fs's AccessDenied
+            text = " ".join(str(exc).split())
+            if "need" in text or "grant" in text:
+                return text
+            return f"access denied ({text}); grant these credentials access to the path"
+        return (
+            f"{where}: {reason}; give this user access to it, or point the job's "
+            "output.path (or input.path) somewhere it may write (read)"
+        )
+    if isinstance(exc, NotADirectoryError) or exc.errno == errno.ENOTDIR:
+        return (
+            f"{where or 'a path'}: part of it is a file, not a folder; point output.path at a "
+            "folder (a new one is created), or move that file away"
+        )
+    if exc.errno == errno.ENOSPC:
+        return (
+            f"{where or 'the output'}: no space left on the device; free some, or choose "
+            "another output.path"
+        )
+    if exc.errno == errno.EROFS:
+        return f"{where}: read-only filesystem; choose an output.path on a writable one"
+    if isinstance(exc, FileNotFoundError) and where:
+        return f"{where}: no such file or folder; check the path in the job"
+    if where:
+        return f"{where}: {reason}; check that path in the job and its storage"
+    return None
 
 
 # --------------------------------------------------------------------------- paths
@@ -241,10 +317,11 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
         return _create_only_local(path, bytes(data))
     if _is_s3(fs):
         return _create_only_s3(fs, path, bytes(data))
-    raise NotImplementedError(
-        f"create_only: no atomic create-if-absent write for filesystem "
-        f"{type(fs).__name__} (protocol {fs.protocol!r}); supported: local paths and s3://. "
-        "Refusing to fall back to a check-then-write that could overwrite another writer."
+    protocol = sorted(_protocols(fs))[0]
+    shared = "" if protocol != "memory" else ", and Ray's worker processes cannot see it"
+    raise UnsupportedStorage(
+        f"{protocol}://{path.lstrip('/')}: no atomic create-if-absent write on the {protocol} "
+        f"filesystem{shared}; set output.path to a local folder or an s3:// URL"
     )
 
 
@@ -334,16 +411,59 @@ def overwrite(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> None:
     those, tries CreateBucket, which fails with AccessDenied.
     """
     if isinstance(fs, LocalFileSystem):
-        fs.makedirs(fs._parent(path), exist_ok=True)
-    _retrying(lambda: fs.pipe_file(path, data))
+        _replace_local(path, data)
+        return
+    _retrying(lambda: fs.pipe_file(path, data))  # an S3 PUT replaces the object atomically
+
+
+def _replace_local(path: str, data: bytes) -> None:
+    """Temp file + fsync + rename: a reader sees the old bytes or the new, never half of them
+    (a lease or a run record read while its holder renews it)."""
+    path = os.path.abspath(path)
+    parent = os.path.dirname(path)
+    os.makedirs(parent, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- reads
 
 
+_JSON_READS = 3  # reads of a record that is not JSON before calling it damaged
+_JSON_PAUSE_S = 0.3
+
+
 def read_json(fs: fsspec.AbstractFileSystem, path: str) -> Any:
-    """Parse a small JSON object (markers, manifests); transient errors are retried."""
-    return json.loads(_retrying(lambda: fs.cat_file(path)))
+    """Parse a small JSON object (markers, manifests, the lease); transient errors are retried.
+
+    Bytes that are not JSON are read again after a pause (a writer on a filesystem without an
+    atomic replace may be mid-write); still not JSON after a few reads, the record is damaged:
+    :class:`UnreadableRecord`, naming it and what to do.
+    """
+    problem: ValueError | None = None
+    for n in range(_JSON_READS):
+        if n:
+            time.sleep(_JSON_PAUSE_S * n)
+        raw = _retrying(lambda: fs.cat_file(path))
+        try:
+            return json.loads(raw)
+        except ValueError as exc:  # JSONDecodeError, or bytes that are not UTF-8
+            problem = exc
+            log.info("%s is not JSON (%s); reading it again", path, exc)
+    url = fs.unstrip_protocol(path)
+    raise UnreadableRecord(
+        f"{url} is not valid JSON ({problem}), read {_JSON_READS} times: a process killed while "
+        "writing it or another program damaged it; delete it (if no run is using this output) "
+        "and run again: batchinfer rewrites it, or re-runs the chunk of a deleted marker"
+    )
 
 
 # S3 answers a HEAD or GET of a missing key with 404 only when the caller also holds

@@ -1,6 +1,50 @@
 """The output store: the one module that owns an output's layout and its commit protocol.
 
-(Being rewritten: see the module docstring below each section.)
+Layout (a contract; see the README's "Output layout")::
+
+    _job.json                 job record: the fingerprint and the spec (no credentials)
+    _lease/<n>.json           who runs the job now (create-only numbers, renewed by the holder)
+    _runs/<run>.json          one per run: start, heartbeat, end (wall time across runs)
+    _runs/<run>/<actor>.json  one per engine actor: held from start, billed ahead per heartbeat
+    _attempts/<chunk>/<n>.json        an attempt at a chunk reached the engine
+    _attempts/<chunk>/<n>.failed.json ... and the engine failed it (with the error)
+    data/part-<chunk>.<token>.parquet      rows; <token> is unique to the commit attempt
+    _failed/part-<chunk>.<token>.parquet   rows that failed, with their reason
+    _markers/<chunk>.json     the commit: names exactly the chunk's parts and their counts
+    _MANIFEST.json            the committed parts, rewritten by every finishing operation
+    ledger.json               the cost ledger, summed over every run
+
+The exactly-once argument, in full:
+
+1. A commit attempt writes its parts under names no other attempt can use (a fresh token),
+   so attempts never overwrite or adopt each other's bytes.
+2. It then creates the chunk's marker, create-only, naming those parts. Exactly one marker
+   per chunk can ever be created (local: ``os.link``; S3: ``If-None-Match: *``), so exactly
+   one attempt's parts are the chunk's rows. The marker is the single commit point.
+3. An attempt whose marker lost (another attempt committed first) removes its own parts.
+   Parts that no marker names (an attempt killed between its parts and its marker, or a
+   loser killed before cleaning up) are garbage: :func:`collect_garbage` removes them when a
+   run finishes, on ``status --repair`` and at the next run. A part of a chunk that has a
+   marker is removed at once (no attempt can commit it any more); a part of an uncommitted
+   chunk only once it is older than a grace period, because a worker of a killed run may
+   still be about to commit it.
+4. A retry of failed rows (``retry-failed``) is a chunk of its own whose marker names the
+   failed part it supersedes; from the moment that marker exists, the superseded part is
+   garbage, so a row is counted in the retry's parts or in the old failed part, never both.
+5. Readers go through the markers, never the folder listing: totals, the manifest and the
+   ledger are sums over markers. After a finishing operation (which collects the garbage),
+   ``data/`` and ``_failed/`` read as folders hold exactly what the manifest lists.
+6. Each marker checks that its chunk's rows are all accounted for: rows + failed rows =
+   the chunk's size, or the commit is refused (an input that changed under the job).
+
+Attempts count engine failures only: an attempt is failed when the engine raised for it
+(a ``.failed`` record), or when a later attempt of the same run exists (the actor died with
+it and Ray resubmitted the chunk). The last attempt of a run that was killed around it is
+not counted, so a chunk is never given up without its engine having failed it.
+
+The ledger is true across runs: every run writes its own record and every engine actor its
+own, renewed while it lives and billed ahead to the next heartbeat, so a run killed with
+SIGKILL has still recorded at least the accelerator time it held.
 """
 
 from __future__ import annotations
@@ -14,28 +58,50 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import contextmanager, suppress
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from typing import Any
 
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from batch import storage
-from batch.errors import LeaseHeld, SpecError
+from batch.errors import InputChanged, LeaseHeld, SpecError
 from batch.spec import JobSpec
 
 log = logging.getLogger(__name__)
 
+JOB_RECORD = "_job.json"
+LEASE_DIR = "_lease"
+RUNS_DIR = "_runs"
+ATTEMPTS_DIR = "_attempts"
 MARKERS = "_markers"
+DATA = "data"
+FAILED = "_failed"
+MANIFEST = "_MANIFEST.json"
+LEDGER = "ledger.json"
+ERROR_CLASS = "_error_class"
+ERROR_MESSAGE = "_error_message"
+ATTEMPT = "_attempt"
+
+# How often an engine actor renews its record, and how far ahead it is billed: a killed
+# engine has recorded at least the time it held (at most one period more).
+ENGINE_BEAT_SECONDS = 10.0
+# A part of a chunk with no marker is left alone this long: a worker of a killed run may
+# still be about to commit it. ``status --repair --force`` ignores it.
+GARBAGE_GRACE_SECONDS = 900.0
+
+
+# --------------------------------------------------------------------------- records
 
 
 @dataclass(frozen=True, slots=True)
 class Chunk:
+    """A row range of one input file (or, for retry-failed, one failed part of the output)."""
+
     chunk_id: str
     path: str
     relpath: str
@@ -47,12 +113,6 @@ class Chunk:
     def rows(self) -> int:
         return self.row_end - self.row_start
 
-
-
-
-JOB_RECORD = "_job.json"
-LEASE_DIR = "_lease"
-ATTEMPTS_DIR = "_attempts"
 
 
 # --------------------------------------------------------------------------- job record
@@ -112,16 +172,47 @@ def describe_change(output: str, old: Mapping[str, Any], new: Mapping[str, Any])
             changes.append(f"{key}: {_short(a.get(key))} -> {_short(b.get(key))}")
     if old.get("input", {}).get("listing") != new["input"]["listing"]:
         o, n = old.get("input", {}), new["input"]
-        changes.append(
-            f"input listing: {o.get('files')} files/{o.get('rows')} rows -> "
-            f"{n['files']} files/{n['rows']} rows"
-        )
+        if (o.get("files"), o.get("rows")) == (n["files"], n["rows"]):
+            changes.append(
+                f"input listing: a file was rewritten (same {n['files']} files/{n['rows']} rows)"
+            )
+        else:
+            changes.append(
+                f"input listing: {o.get('files')} files/{o.get('rows')} rows -> "
+                f"{n['files']} files/{n['rows']} rows"
+            )
     what = "; ".join(changes) or "the fingerprint"
     return (
         f"{output} holds output of a different job (changed: {what}). Resuming would mix two "
         "configurations in one output. Write to a fresh output, e.g. --set output.path=<new "
         f"folder>, or delete {output} to start over."
     )
+
+
+# What retry-failed may change: the limits that made rows fail (context length, output
+# length) and the fake engine's test options. Anything else (model, prompt, pipeline,
+# sampling, input) would mix two jobs in one output.
+RETRY_MAY_CHANGE = ("model.engine_args.max_model_len", "sampling.max_tokens", "model.fake_options")
+
+
+def check_retry_spec(spec: JobSpec, record: Mapping[str, Any]) -> None:
+    """Refuse a retry-failed whose spec would write another job's rows into this output."""
+    if record.get("spec_fingerprint") == spec.fingerprint():
+        return
+    old = _flatten(record.get("determines_output", {}))
+    new = _flatten(spec.fingerprint_fields())
+    changed = [
+        k for k in sorted(set(old) | set(new))
+        if old.get(k) != new.get(k)
+        and not any(k == p or k.startswith(p + ".") for p in RETRY_MAY_CHANGE)
+    ]  # fmt: skip
+    if changed:
+        what = "; ".join(f"{k}: {_short(old.get(k))} -> {_short(new.get(k))}" for k in changed)
+        raise SpecError(
+            f"retry-failed would change what {spec.output.path} holds (changed: {what}); a "
+            f"retry may change only {', '.join(RETRY_MAY_CHANGE)}. Drop those --set "
+            "overrides, or write the new configuration to a fresh output."
+        )
 
 
 def _flatten(doc: Any, prefix: str = "") -> dict[str, Any]:
@@ -153,6 +244,7 @@ class Lease:
     root: str
     number: int
     holder: dict[str, Any]
+    lost: bool = False  # another run took the lease over: this run must stop
 
     @property
     def path(self) -> str:
@@ -246,8 +338,7 @@ def renew_lease(lease: Lease, ttl: float) -> bool:
     if current is None or current[0] != lease.number:
         return False
     lease.holder["expires_at"] = time.time() + ttl
-    with lease.fs.open(lease.path, "wb") as fh:
-        fh.write(json.dumps(lease.holder).encode())
+    storage.overwrite(lease.fs, lease.path, json.dumps(lease.holder).encode())
     return True
 
 
@@ -256,13 +347,23 @@ def release_lease(lease: Lease) -> None:
     if current is None or current[0] != lease.number:
         return
     lease.holder.update(released=True, expires_at=0)
-    with lease.fs.open(lease.path, "wb") as fh:
-        fh.write(json.dumps(lease.holder).encode())
+    storage.overwrite(lease.fs, lease.path, json.dumps(lease.holder).encode())
 
 
 @contextmanager
-def hold_lease(spec: JobSpec, *, ttl: float = 60.0, wait: bool = False) -> Iterator[Lease]:
-    """Hold the lease for the duration of the block, renewing it every ttl/3 seconds."""
+def hold_lease(
+    spec: JobSpec,
+    *,
+    ttl: float = 60.0,
+    wait: bool = False,
+    on_beat: Callable[[], None] | None = None,
+    on_lost: Callable[[], None] | None = None,
+) -> Iterator[Lease]:
+    """Hold the lease for the block, renewing it every ttl/3 seconds.
+
+    ``on_beat`` runs with every renewal (the run record's heartbeat). ``on_lost`` runs once if
+    another run takes the lease over; the caller must then stop (``Lease.lost`` is set).
+    """
     lease = acquire_lease(spec, ttl=ttl, wait=wait)
     stop = threading.Event()
 
@@ -270,10 +371,18 @@ def hold_lease(spec: JobSpec, *, ttl: float = 60.0, wait: bool = False) -> Itera
         while not stop.wait(ttl / 3):
             try:
                 if not renew_lease(lease, ttl):
-                    log.warning("lost the lease on %s to another run", spec.output.path)
+                    log.error("lost the lease on %s to another run", spec.output.path)
+                    lease.lost = True
+                    if on_lost is not None:
+                        on_lost()
                     return
             except Exception as exc:  # a storage hiccup: try again next period
                 log.warning("could not renew the lease: %s", exc)
+            if on_beat is not None:
+                try:
+                    on_beat()
+                except Exception as exc:
+                    log.warning("could not record the run's heartbeat: %s", exc)
 
     thread = threading.Thread(target=renew, name="batchinfer-lease", daemon=True)
     thread.start()
@@ -288,42 +397,210 @@ def hold_lease(spec: JobSpec, *, ttl: float = 60.0, wait: bool = False) -> Itera
             log.warning("could not release the lease (it expires by itself): %s", exc)
 
 
+# --------------------------------------------------------------------------- runs
+
+
+@dataclass
+class Run:
+    """One run of the job (a submit or a retry-failed), recorded in ``_runs/<run_id>.json``."""
+
+    fs: Any
+    root: str
+    run_id: str
+    doc: dict[str, Any]
+
+    @property
+    def path(self) -> str:
+        return storage.join(self.root, RUNS_DIR, f"{self.run_id}.json")
+
+    def beat(self) -> None:
+        self.doc["alive_at"] = time.time()
+        storage.overwrite(self.fs, self.path, json.dumps(self.doc).encode())
+
+    def finish(self, *, state: str, released_at: float | None = None) -> None:
+        """``released_at``: when the run's engines were released (their billing ends)."""
+        now = time.time()
+        self.doc.update(alive_at=now, finished_at=now, state=state)
+        if released_at is not None:
+            self.doc["released_at"] = released_at
+        storage.overwrite(self.fs, self.path, json.dumps(self.doc).encode())
+
+
+def start_run(spec: JobSpec, kind: str) -> Run:
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    now = time.time()
+    run_id = time.strftime("%Y%m%dT%H%M%S", time.gmtime(now)) + "-" + uuid.uuid4().hex[:6]
+    doc = {
+        "run_id": run_id,
+        "kind": kind,
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started_at": now,
+        "alive_at": now,
+        "state": "running",
+        "finished_at": None,
+    }
+    run = Run(fs, root, run_id, doc)
+    storage.overwrite(fs, run.path, json.dumps(doc).encode())
+    return run
+
+
+class EngineClock:
+    """An engine actor's record of the accelerator time it holds, renewed on a thread.
+
+    Written at actor start (before the model loads) and every ``ENGINE_BEAT_SECONDS`` after,
+    each time billed ahead to the next renewal: if the actor is killed, the record already
+    covers the time it held. Also counts the rows the actor took into its engine, so the
+    ledger can report work that was paid for but never committed.
+    """
+
+    def __init__(
+        self, fs: Any, root: str, run_id: str, actor: str, *, accelerators: float,
+        beat: float = ENGINE_BEAT_SECONDS,
+    ) -> None:  # fmt: skip
+        self.fs, self.beat_s = fs, beat
+        self.path = storage.join(root, RUNS_DIR, run_id, f"{actor}.json")
+        now = time.time()
+        self.doc: dict[str, Any] = {
+            "actor": actor,
+            "run_id": run_id,
+            "host": socket.gethostname(),
+            "accelerators": accelerators,
+            "created": now,
+            "paid_until": now + 1.5 * beat,
+            "chunks_started": 0,
+            "rows_started": 0,
+        }
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> EngineClock:
+        self._write()
+        self._thread = threading.Thread(target=self._loop, name="batchinfer-clock", daemon=True)
+        self._thread.start()
+        return self
+
+    def started_chunk(self, rows: int) -> None:
+        with self._lock:
+            self.doc["chunks_started"] += 1
+            self.doc["rows_started"] += rows
+
+    def _write(self) -> None:
+        with self._lock:
+            self.doc["paid_until"] = time.time() + 1.5 * self.beat_s
+            body = json.dumps(self.doc).encode()
+        storage.overwrite(self.fs, self.path, body)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.beat_s):
+            try:
+                self._write()
+            except Exception as exc:  # a storage hiccup: the next beat tries again
+                log.warning("could not record the engine's time: %s", exc)
+
+
+def read_runs(spec: JobSpec) -> list[dict[str, Any]]:
+    """Every run of the job, oldest first, each with its engine actors' records."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    folder = storage.join(root, RUNS_DIR)
+    docs = [storage.read_json_or_none(fs, p) for p in storage.list_files(fs, folder, ".json")]
+    runs = [d for d in docs if d]
+    engines = storage.list_files(fs, folder, ".json", recursive=True)
+    by_run: dict[str, list[dict[str, Any]]] = {}
+    for path in engines:
+        if path.rsplit("/", 2)[-2] == RUNS_DIR:
+            continue  # a run record, not an engine's
+        doc = storage.read_json_or_none(fs, path)
+        if doc:
+            by_run.setdefault(str(doc.get("run_id")), []).append(doc)
+    for run in runs:
+        run["engines"] = by_run.get(run["run_id"], [])
+    return sorted(runs, key=lambda r: float(r.get("started_at", 0)))
+
+
+def engine_seconds(run: Mapping[str, Any], engine: Mapping[str, Any]) -> float:
+    """Seconds an engine actor was held: to its run's release if the run finished, else to
+    what its last heartbeat paid for (it died with the run, or is still running)."""
+    end = float(engine.get("paid_until", engine.get("created", 0)))
+    if run.get("released_at"):
+        end = min(end, float(run["released_at"]))
+    return max(0.0, end - float(engine.get("created", end)))
+
+
+def run_wall_seconds(run: Mapping[str, Any]) -> float:
+    end = run.get("finished_at") or run.get("alive_at") or run.get("started_at", 0)
+    return max(0.0, float(end) - float(run.get("started_at", 0)))
+
+
 # --------------------------------------------------------------------------- attempts
 
 
+def _attempt_dir(root: str, chunk_id: str) -> str:
+    return storage.join(root, ATTEMPTS_DIR, chunk_id)
+
+
+def prior_failures(fs: Any, root: str, chunk_id: str, run_id: str) -> tuple[int, str]:
+    """(engine failures of this chunk so far, the last error), by the rule in the docstring."""
+    attempts: dict[int, dict[str, Any]] = {}
+    failed: dict[int, str] = {}
+    for path in storage.list_files(fs, _attempt_dir(root, chunk_id), ".json"):
+        name = path.rsplit("/", 1)[-1]
+        number = name.split(".", 1)[0]
+        if not number.isdigit():
+            continue
+        doc = storage.read_json_or_none(fs, path) or {}
+        if name.endswith(".failed.json"):
+            failed[int(number)] = str(doc.get("error", "the engine failed"))
+        else:
+            attempts[int(number)] = doc
+    count, last = 0, "the engine died while running this chunk"
+    for n in sorted(attempts):
+        run = attempts[n].get("run")
+        later_same_run = any(m > n and attempts[m].get("run") == run for m in attempts)
+        if n in failed or run == run_id or later_same_run:
+            count += 1
+            last = failed.get(n, "the engine died while running this chunk")
+    return count, last
+
+
 def begin_attempt(fs: Any, root: str, chunk_id: str, note: Mapping[str, Any]) -> int:
-    """Record one more attempt at a chunk; return its number (1 for the first)."""
-    n = 1
+    """Record that an attempt at a chunk reaches the engine; return its number."""
+    existing = storage.list_files(fs, _attempt_dir(root, chunk_id), ".json")
+    numbers = [int(p.rsplit("/", 1)[-1].split(".", 1)[0]) for p in existing
+               if p.rsplit("/", 1)[-1].split(".", 1)[0].isdigit()]  # fmt: skip
+    n = max(numbers, default=0) + 1
     while True:
-        path = storage.join(root, ATTEMPTS_DIR, f"{chunk_id}.{n:03d}.json")
+        path = storage.join(_attempt_dir(root, chunk_id), f"{n:04d}.json")
         if storage.create_only(fs, path, json.dumps(dict(note, attempt=n)).encode()):
             return n
         n += 1
 
 
-def attempts_so_far(fs: Any, root: str, chunk_id: str) -> int:
-    names = storage.list_files(fs, storage.join(root, ATTEMPTS_DIR), ".json")
-    return sum(1 for p in names if p.rsplit("/", 1)[-1].startswith(chunk_id + "."))
+def fail_attempt(fs: Any, root: str, chunk_id: str, number: int, error: str) -> None:
+    """Record that the engine failed this attempt (it counts towards giving up)."""
+    path = storage.join(_attempt_dir(root, chunk_id), f"{number:04d}.failed.json")
+    storage.create_only(fs, path, json.dumps({"error": error, "at": time.time()}).encode())
 
 
-def clear_attempts(fs: Any, root: str, chunk_id: str, count: int) -> None:
-    for n in range(1, count + 1):
-        path = storage.join(root, ATTEMPTS_DIR, f"{chunk_id}.{n:03d}.json")
-        with suppress(FileNotFoundError):
-            fs.rm(path)
+def clear_attempts(fs: Any, root: str, chunk_id: str) -> None:
+    """After the chunk's commit its attempt records are not needed any more."""
+    with contextlib.suppress(FileNotFoundError):
+        fs.rm(_attempt_dir(root, chunk_id), recursive=True)
 
 
-DATA = "data"
-FAILED = "_failed"
-MANIFEST = "_MANIFEST.json"
-LEDGER = "ledger.json"
-ERROR_CLASS = "_error_class"
-ERROR_MESSAGE = "_error_message"
-ATTEMPT = "_attempt"
+# --------------------------------------------------------------------------- commit
 
 
-def part_name(kind: str, chunk: Chunk) -> str:
-    return f"{kind}/part-{chunk.chunk_id}.parquet"
+def part_name(kind: str, chunk_id: str, token: str) -> str:
+    return f"{kind}/part-{chunk_id}.{token}.parquet"
+
+
+def part_chunk_id(name: str) -> str | None:
+    """The chunk a part belongs to, from its name; None for names this version did not make."""
+    stem = name.rsplit("/", 1)[-1].removeprefix("part-").removesuffix(".parquet")
+    chunk_id, _, token = stem.rpartition(".")
+    return chunk_id if chunk_id and len(token) == 12 and token.isalnum() else None
 
 
 def marker_name(chunk_id: str) -> str:
@@ -348,19 +625,31 @@ def commit_chunk(
     *,
     fingerprint: str,
     attempts: int = 0,
+    run_id: str = "",
 ) -> dict[str, Any]:
-    """Write the chunk's parts and marker; return the marker (the chunk's stats)."""
+    """Write the chunk's parts under attempt-unique names, then its marker; return the marker
+    that committed the chunk (this attempt's, or the one that won before it)."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    compression = spec.output.compression
+    n_data = data.num_rows if data is not None else 0
+    n_failed = failed.num_rows if failed is not None else 0
+    if n_data + n_failed != chunk.rows:
+        raise InputChanged(
+            f"{chunk.relpath}: rows {chunk.row_start}-{chunk.row_end} came back as "
+            f"{n_data + n_failed} rows, not {chunk.rows}: the input changed while the job ran. "
+            "Restore it, or write to a fresh output (--set output.path=...)",
+            chunk=chunk.chunk_id,
+        )
+    token = uuid.uuid4().hex[:12]
     marker: dict[str, Any] = {
         "chunk_id": chunk.chunk_id,
         "file": chunk.relpath,
         "row_start": chunk.row_start,
         "row_end": chunk.row_end,
         "fingerprint": fingerprint,
+        "run_id": run_id,
         "attempts": attempts,
-        "rows": 0,
-        "failed_rows": 0,
+        "rows": n_data,
+        "failed_rows": n_failed,
         "input_tokens": 0,
         "output_tokens": 0,
         "data_part": None,
@@ -368,20 +657,17 @@ def commit_chunk(
         "adopted": False,
         "supersedes": chunk.retry_of,
     }
+    written: list[str] = []
     for kind, table in ((DATA, data), (FAILED, failed)):
         if table is None or table.num_rows == 0:
             continue
-        name = part_name(kind, chunk)
+        name = part_name(kind, chunk.chunk_id, token)
         path = storage.join(root, name)
-        created = storage.write_parquet_create_only(fs, path, table, compression=compression)
-        if not created:
-            # Another attempt wrote this part first: adopt it and describe what is there.
-            log.info("adopting existing part %s", name)
-            table = _read_counts(fs, path)
-            marker["adopted"] = True
+        compression = spec.output.compression
+        if not storage.write_parquet_create_only(fs, path, table, compression=compression):
+            raise RuntimeError(f"{name} exists: attempt tokens collided")  # 2^-48: a bug
+        written.append(path)
         fault_point(f"after-{kind.strip('_')}-part")
-        key = "rows" if kind == DATA else "failed_rows"
-        marker[key] = table.num_rows
         marker["data_part" if kind == DATA else "failed_part"] = name
         if kind == DATA:
             marker["input_tokens"], marker["output_tokens"] = _token_totals(table)
@@ -389,14 +675,19 @@ def commit_chunk(
     marker["committed_at"] = time.time()
     body = json.dumps(marker, sort_keys=True).encode()
     marker_path = storage.join(root, marker_name(chunk.chunk_id))
+    fault_point("before-marker")
     if not storage.create_only(fs, marker_path, body):
+        # Another attempt committed this chunk first: its parts are the chunk's rows.
+        for path in written:
+            remove_quietly(fs, path)
         existing: dict[str, Any] = storage.read_json(fs, marker_path)
         existing["adopted"] = True
-        marker = existing
-    clear_attempts(fs, root, chunk.chunk_id, attempts + 1)
+        return existing
+    fault_point("after-marker")
     if chunk.retry_of:
-        # The retry's parts and marker are committed: the rows it took over leave _failed/.
+        # The retry's marker supersedes the failed part: its rows now live in this chunk.
         remove_quietly(fs, storage.join(root, chunk.retry_of))
+    clear_attempts(fs, root, chunk.chunk_id)
     return marker
 
 
@@ -417,28 +708,7 @@ def remove_quietly(fs: fsspec.AbstractFileSystem, path: str) -> None:
         fs.rm(path)
 
 
-def live_failed_parts(markers: Iterable[dict[str, Any]]) -> set[str]:
-    """Failed parts still holding rows: those no retry has taken over."""
-    markers = list(markers)
-    superseded = {m["supersedes"] for m in markers if m.get("supersedes")}
-    return {m["failed_part"] for m in markers if m.get("failed_part")} - superseded
-
-
-def clean_superseded(spec: JobSpec, markers: Iterable[dict[str, Any]]) -> int:
-    """Finish retries cut short between their marker and removing the failed part."""
-    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    parts = [storage.join(root, m["supersedes"]) for m in markers if m.get("supersedes")]
-    # One listing per folder rather than a look per part: most were removed long ago, and on
-    # S3 every absent part would cost a refused HEAD and then a listing of its folder.
-    present: set[str] = set()
-    for folder in sorted({fs._parent(p) for p in parts}):
-        present.update(storage.list_files(fs, folder, ""))
-    n = 0
-    for path in parts:
-        if path in present:
-            remove_quietly(fs, path)
-            n += 1
-    return n
+# --------------------------------------------------------------------------- reading
 
 
 def list_markers(spec: JobSpec) -> list[str]:
@@ -448,19 +718,15 @@ def list_markers(spec: JobSpec) -> list[str]:
     return [n.rsplit("/", 1)[-1].removesuffix(".json") for n in names]
 
 
-def _read_counts(fs: fsspec.AbstractFileSystem, path: str) -> pa.Table:
-    with fs.open(path, "rb") as fh:
-        pf = pq.ParquetFile(fh)
-        cols = [c for c in ("input_tokens", "output_tokens") if c in pf.schema_arrow.names]
-        if cols:
-            return pf.read(columns=cols)
-        return pa.table({"_": pa.nulls(pf.metadata.num_rows)})
+def committed_chunk_ids(spec: JobSpec) -> set[str]:
+    return set(list_markers(spec))
 
 
-def read_markers(spec: JobSpec, chunk_ids: Iterable[str]) -> list[dict[str, Any]]:
-    """Every committed chunk's marker (for the manifest and the ledger at the end)."""
+def read_markers(spec: JobSpec, chunk_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    """Committed chunks' markers (all of them by default)."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    paths = [storage.join(root, marker_name(c)) for c in chunk_ids]
+    ids = list_markers(spec) if chunk_ids is None else list(chunk_ids)
+    paths = [storage.join(root, marker_name(c)) for c in ids]
     with ThreadPoolExecutor(max_workers=16) as pool:
         return list(pool.map(lambda p: storage.read_json(fs, p), paths))
 
@@ -480,3 +746,184 @@ def read_output_json(spec: JobSpec, name: str) -> dict[str, Any] | None:
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
     doc: dict[str, Any] | None = storage.read_json_or_none(fs, storage.join(root, name))
     return doc
+
+
+# --------------------------------------------------------------------------- totals
+
+
+@dataclass
+class Totals:
+    """What the markers say the output holds: the only place rows and parts are summed."""
+
+    chunks: int = 0  # input chunks committed
+    retries: int = 0  # retry chunks committed
+    rows: int = 0
+    failed_rows: int = 0  # in failed parts no retry has taken over
+    input_tokens: int = 0
+    output_tokens: int = 0
+    data_parts: list[str] = field(default_factory=list)
+    failed_parts: list[str] = field(default_factory=list)  # live ones
+    superseded_parts: list[str] = field(default_factory=list)
+
+
+def totals(markers: Iterable[Mapping[str, Any]]) -> Totals:
+    markers = list(markers)
+    superseded = {str(m["supersedes"]) for m in markers if m.get("supersedes")}
+    t = Totals()
+    for m in markers:
+        if m.get("supersedes"):
+            t.retries += 1
+        else:
+            t.chunks += 1
+        t.rows += int(m["rows"])
+        t.input_tokens += int(m["input_tokens"])
+        t.output_tokens += int(m["output_tokens"])
+        if m.get("data_part"):
+            t.data_parts.append(str(m["data_part"]))
+        part = m.get("failed_part")
+        if part and part not in superseded:
+            t.failed_rows += int(m["failed_rows"])
+            t.failed_parts.append(str(part))
+        elif part:
+            t.superseded_parts.append(str(part))
+    t.data_parts.sort()
+    t.failed_parts.sort()
+    return t
+
+
+def is_complete(record: Mapping[str, Any], t: Totals) -> bool:
+    """Every input chunk of the job is committed."""
+    return t.chunks >= int(record.get("chunks", 0))
+
+
+# --------------------------------------------------------------------------- garbage
+
+
+@dataclass
+class Garbage:
+    """Parts in ``data/`` and ``_failed/`` that no live marker names."""
+
+    removable: list[str] = field(default_factory=list)  # relative to the output
+    young: list[str] = field(default_factory=list)  # of uncommitted chunks, within the grace
+    removed: int = 0
+
+
+def _entries(fs: Any, folder: str) -> list[tuple[str, float]]:
+    """(path, modification time) of the files in ``folder``; [] if it is missing."""
+    fs.invalidate_cache(folder)
+    try:
+        entries = fs.ls(folder, detail=True)
+    except FileNotFoundError:
+        return []
+    out = []
+    for e in entries:
+        if e.get("type") == "directory" or e["name"].rsplit("/", 1)[-1].startswith("."):
+            continue
+        mtime = e.get("mtime") or e.get("LastModified") or e.get("last_modified") or 0
+        if hasattr(mtime, "timestamp"):
+            mtime = mtime.timestamp()
+        out.append((str(e["name"]), float(mtime)))
+    return out
+
+
+def find_garbage(
+    spec: JobSpec, markers: Iterable[Mapping[str, Any]], *, grace: float = GARBAGE_GRACE_SECONDS
+) -> Garbage:
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    markers = list(markers)
+    t = totals(markers)
+    named = set(t.data_parts) | set(t.failed_parts)
+    committed = {str(m["chunk_id"]) for m in markers}
+    garbage = Garbage()
+    now = time.time()
+    for kind in (DATA, FAILED):
+        for path, mtime in _entries(fs, storage.join(root, kind)):
+            rel = f"{kind}/{path.rsplit('/', 1)[-1]}"
+            if rel in named:
+                continue
+            chunk_id = part_chunk_id(rel)
+            if (chunk_id is not None and chunk_id in committed) or rel in t.superseded_parts:
+                garbage.removable.append(rel)  # no attempt can commit it any more
+            elif now - mtime >= grace:
+                garbage.removable.append(rel)
+            else:
+                garbage.young.append(rel)
+    return garbage
+
+
+def collect_garbage(
+    spec: JobSpec, markers: Iterable[Mapping[str, Any]], *, grace: float = GARBAGE_GRACE_SECONDS
+) -> Garbage:
+    """Remove parts no marker names (see the module docstring, point 3); returns what it saw."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    garbage = find_garbage(spec, markers, grace=grace)
+    for rel in garbage.removable:
+        remove_quietly(fs, storage.join(root, rel))
+        garbage.removed += 1
+    if garbage.removed:
+        log.info("removed %d parts no marker names", garbage.removed)
+    return garbage
+
+
+# --------------------------------------------------------------------------- manifest
+
+
+def manifest_doc(
+    spec: JobSpec, record: Mapping[str, Any], t: Totals, *, started: float
+) -> dict[str, Any]:
+    from batch import __version__
+
+    return {
+        "job": spec.name,
+        "fingerprint": record.get("fingerprint"),
+        "input": spec.input.path,
+        "output": spec.output.path,
+        "files": int(record.get("input", {}).get("files", 0)),
+        "chunks": t.chunks,
+        "retries": t.retries,
+        "rows": t.rows,
+        "failed_rows": t.failed_rows,
+        "data_parts": t.data_parts,
+        "failed_parts": t.failed_parts,
+        "started_at": started,
+        "finished_at": time.time(),
+        "batchinfer_version": __version__,
+    }
+
+
+_MANIFEST_CONTENT = ("fingerprint", "chunks", "retries", "rows", "failed_rows", "data_parts",
+                     "failed_parts")  # fmt: skip
+
+
+def publish_manifest(spec: JobSpec, doc: dict[str, Any]) -> bool:
+    """Replace ``_MANIFEST.json`` (atomically) unless it already lists the same output.
+
+    Returns True if it was written. A manifest left stale by an older operation (a retry cut
+    short, an older version's create-only manifest) is replaced by the next finishing one.
+    """
+    current = read_output_json(spec, MANIFEST)
+    if current is not None and all(current.get(k) == doc.get(k) for k in _MANIFEST_CONTENT):
+        return False
+    write_json(spec, MANIFEST, doc, create_only=False)
+    return True
+
+
+def withdraw_manifest(spec: JobSpec) -> None:
+    """Remove a manifest that describes an output which is no longer complete."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    remove_quietly(fs, storage.join(root, MANIFEST))
+
+
+# --------------------------------------------------------------------------- inspection
+
+
+def pending_attempts(spec: JobSpec, committed: set[str]) -> list[str]:
+    """Chunks with attempt records but no marker: in flight, or cut short by a kill."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    folder = storage.join(root, ATTEMPTS_DIR)
+    fs.invalidate_cache(folder)
+    try:
+        names = [e.rstrip("/").rsplit("/", 1)[-1] for e in fs.ls(folder, detail=False)]
+    except FileNotFoundError:
+        return []
+    return sorted(n for n in names if n not in committed and not n.startswith("."))

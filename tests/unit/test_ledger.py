@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import json
 import subprocess
 import sys
@@ -33,10 +35,22 @@ def marker(rows: int, inp: int, out: int, start: float, end: float) -> dict[str,
             "engine_end": end}}  # fmt: skip
 
 
+def run(
+    wall: float, gpu: float, *, finished: bool = True, rows_started: int = 0, acc: float = 1.0
+) -> dict[str, Any]:
+    """A run record as the store reads it: one engine held ``gpu`` seconds."""
+    engine = {"created": 0.0, "paid_until": gpu, "accelerators": acc,
+              "rows_started": rows_started, "chunks_started": 1}  # fmt: skip
+    doc = {"run_id": f"r{wall}-{gpu}", "started_at": 0.0, "alive_at": wall, "engines": [engine]}
+    if finished:
+        doc.update(finished_at=wall, released_at=gpu, state="finished")
+    return doc
+
+
 def test_ledger_arithmetic_by_hand() -> None:
     s = spec(**{"ledger.cpu_hour_usd": "2.0"})
     markers = [marker(500, 400_000, 100_000, 0, 50), marker(500, 600_000, 100_000, 10, 100)]
-    led = build_ledger(s, markers, wall_seconds=120, gpu_seconds=1800, engines=1)
+    led = build_ledger(s, markers, [run(wall=120, gpu=1800)])
     assert (led["rows"], led["failed_rows"]) == (1000, 2)
     assert (led["input_tokens"], led["output_tokens"]) == (1_000_000, 200_000)
     assert led["run_cost_usd"] == pytest.approx(1.0)  # 0.5 h x $2/h
@@ -65,8 +79,8 @@ def test_ledger_arithmetic_by_hand() -> None:
 def test_gpu_rate_comes_from_the_table_and_counts_gpus_per_replica() -> None:
     s = spec(**{"resources.device": "gpu", "resources.gpus_per_replica": "2",
                 "ledger.gpu": "A100-80GB", "ledger.gpu_provider": "coreweave"})  # fmt: skip
-    led = build_ledger(s, [marker(10, 100, 10, 0, 1)], wall_seconds=10, gpu_seconds=3600,
-                       engines=1)  # fmt: skip
+    # the engine actor records the accelerators it holds (resources.gpus_per_replica)
+    led = build_ledger(s, [marker(10, 100, 10, 0, 1)], [run(wall=10, gpu=3600, acc=2.0)])
     assert led["gpu_hour_usd"] == 2.70
     assert led["gpu_seconds"] == 7200  # two GPUs held for an hour
     assert led["run_cost_usd"] == pytest.approx(5.40)
@@ -79,7 +93,7 @@ def test_job_price_overrides_take_effect() -> None:
         "source: 'job: our contract', date: 2026-11}]}"
     )
     led = build_ledger(spec(**{"ledger.prices": row}), [marker(1, 1_000_000, 1_000_000, 0, 1)],
-                       wall_seconds=1, gpu_seconds=0, engines=1)  # fmt: skip
+                       [run(wall=1, gpu=0)])  # fmt: skip
     assert led["comparisons"][0]["list_usd"] == pytest.approx(3.0)
 
 
@@ -121,6 +135,25 @@ def test_ledger_command_writes_table_markdown_and_chart(reviews: Path, tmp_path:
     by_hand = doc["input_tokens"] * 0.15e-6 + doc["output_tokens"] * 0.60e-6
     assert mini["list_usd"] == pytest.approx(by_hand, rel=1e-3)
     assert mini["batch_usd"] == pytest.approx(by_hand / 2, rel=1e-3)
+
+
+def test_ledger_sums_every_run_and_reports_work_paid_for_but_not_committed() -> None:
+    """A run killed mid-job still costs what its engines held (to their last heartbeat); the
+    ledger adds every run, lists them, and counts the rows its engines took in for nothing."""
+    s = spec(**{"ledger.cpu_hour_usd": "3.6"})
+    killed = run(wall=50, gpu=40, finished=False, rows_started=30)  # SIGKILLed, 0 committed
+    killed["run_id"] = "killed"
+    done = run(wall=100, gpu=90, rows_started=20)
+    done["run_id"] = "done"
+    m = dict(marker(20, 100, 10, 0, 1), run_id="done", failed_rows=0)
+    led = build_ledger(s, [m], [killed, done])
+    assert led["gpu_seconds"] == pytest.approx(130)  # 40 + 90: the killed run's time counts
+    assert led["wall_seconds"] == pytest.approx(150)
+    assert led["run_cost_usd"] == pytest.approx(0.13)  # 130 s at $3.60/h
+    assert [r["run_id"] for r in led["runs"]] == ["killed", "done"]
+    assert led["runs"][0]["state"] == "killed or running"
+    assert led["paid_not_committed"]["rows"] == 30
+    assert led["paid_not_committed"]["gpu_seconds_of_unfinished_runs"] == pytest.approx(40)
 
 
 def test_engine_idle_fraction_counts_gaps_between_chunks_per_engine() -> None:

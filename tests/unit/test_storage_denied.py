@@ -123,15 +123,24 @@ def test_first_run_and_resume_where_missing_objects_are_access_denied(tmp_path: 
 def test_retries_cut_short_are_finished_and_removed_parts_are_skipped(tmp_path: Path) -> None:
     s = spec(f"{PROTOCOL}://{tmp_path}/out")
     fs, root = storage.open_fs(s.output.path, s.output.storage_options)
-    storage.create_only(fs, storage.join(root, "_failed/part-a.parquet"), b"rows")
-    storage.create_only(fs, storage.join(root, "_failed/part-c.parquet"), b"rows")
+    storage.create_only(fs, storage.join(root, "_failed/part-a.0123456789ab.parquet"), b"rows")
+    storage.create_only(fs, storage.join(root, "_failed/part-c.0123456789ab.parquet"), b"rows")
     markers: list[dict[str, Any]] = [
-        {"supersedes": "_failed/part-a.parquet"},  # cut short: its failed part is still there
-        {"supersedes": "_failed/part-b.parquet"},  # finished: removed long ago (403 on S3)
-        {"failed_part": "_failed/part-c.parquet", "supersedes": None},
+        # a retry cut short: the failed part it supersedes is still there
+        {"chunk_id": "a", "rows": 1, "failed_rows": 0, "input_tokens": 0, "output_tokens": 0,
+         "failed_part": None, "supersedes": None},
+        {"chunk_id": "a.retry1", "rows": 1, "failed_rows": 0, "input_tokens": 0,
+         "output_tokens": 0, "supersedes": "_failed/part-a.0123456789ab.parquet"},
+        # a finished retry: its failed part was removed long ago (403 on S3)
+        {"chunk_id": "b.retry1", "rows": 1, "failed_rows": 0, "input_tokens": 0,
+         "output_tokens": 0, "supersedes": "_failed/part-b.0123456789ab.parquet"},
+        {"chunk_id": "c", "rows": 0, "failed_rows": 1, "input_tokens": 0, "output_tokens": 0,
+         "failed_part": "_failed/part-c.0123456789ab.parquet", "supersedes": None},
+    ]  # fmt: skip
+    assert store.collect_garbage(s, markers).removed == 1
+    assert sorted(p.name for p in (tmp_path / "out" / "_failed").iterdir()) == [
+        "part-c.0123456789ab.parquet"
     ]
-    assert store.clean_superseded(s, markers) == 1
-    assert sorted(p.name for p in (tmp_path / "out" / "_failed").iterdir()) == ["part-c.parquet"]
 
 
 def test_a_refused_listing_fails_naming_the_path_and_the_permission(tmp_path: Path) -> None:

@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 
 from batch import store
-from batch.errors import SpecError
+from batch.errors import InputChanged, SpecError
 from batch.runner import retry_chunk_id
 from batch.spec import JobSpec, parse_spec
 
@@ -110,14 +112,110 @@ def test_concurrent_acquirers_exactly_one_wins(tmp_path: Path) -> None:
     assert len(wins) == 1 and len(losses) == 7
 
 
-def test_attempts_count_up_and_clear(tmp_path: Path) -> None:
-    fs, root = store.storage.open_fs(str(tmp_path))
-    assert [store.begin_attempt(fs, root, "c1", {}) for _ in range(3)] == [1, 2, 3]
-    assert store.attempts_so_far(fs, root, "c1") == 3
-    store.clear_attempts(fs, root, "c1", 3)
-    assert store.attempts_so_far(fs, root, "c1") == 0
-
-
 def test_retry_chunk_ids_count_up() -> None:
-    assert retry_chunk_id("_failed/part-a.000-010.ff.parquet") == "a.000-010.ff.retry1"
-    assert retry_chunk_id("_failed/part-a.000-010.ff.retry1.parquet") == "a.000-010.ff.retry2"
+    assert retry_chunk_id("a.000-010.ff") == "a.000-010.ff.retry1"
+    assert retry_chunk_id("a.000-010.ff.retry1") == "a.000-010.ff.retry2"
+
+
+def test_attempts_count_engine_failures_not_runs_killed_around_them(tmp_path: Path) -> None:
+    fs, root = store.storage.open_fs(str(tmp_path))
+    # Three runs were killed while the chunk was in flight: none of them was the engine's fault.
+    for run in ("killed-1", "killed-2", "killed-3"):
+        store.begin_attempt(fs, root, "c1", {"run": run})
+    assert store.prior_failures(fs, root, "c1", "now")[0] == 0
+    # The engine raised on it: that counts, with its error.
+    n = store.begin_attempt(fs, root, "c1", {"run": "now"})
+    store.fail_attempt(fs, root, "c1", n, "FakeEngineCrash: boom")
+    assert store.prior_failures(fs, root, "c1", "now") == (1, "FakeEngineCrash: boom")
+    # The actor died with it (no failure record) and Ray resubmitted it in the same run.
+    store.begin_attempt(fs, root, "c1", {"run": "now"})
+    assert store.prior_failures(fs, root, "c1", "now")[0] == 2
+    # A later run cannot tell whether that last attempt died with the engine or with the
+    # run killed around it, so it counts only the failure it knows of.
+    assert store.prior_failures(fs, root, "c1", "later")[0] == 1
+    store.clear_attempts(fs, root, "c1")
+    assert store.prior_failures(fs, root, "c1", "later")[0] == 0
+
+
+def _chunk(rows: int = 3) -> store.Chunk:
+    return store.Chunk("f.000000000-000000003.abc", "in/f.parquet", "f.parquet", 0, rows)
+
+
+def _tables(ok: int, bad: int) -> tuple[pa.Table, pa.Table]:
+    return (
+        pa.table({"id": list(range(ok)), "output_tokens": [2] * ok}),
+        pa.table({"id": list(range(ok, ok + bad)), "_error_class": ["E"] * bad}),
+    )
+
+
+def test_two_attempts_at_a_chunk_commit_one_and_leave_no_stray_part(tmp_path: Path) -> None:
+    """Attempts with different row splits (sampling, rows that fail at random): the marker
+    names exactly one attempt's parts; the loser's parts do not stay in data/ or _failed/."""
+    s = spec(tmp_path / "out")
+    first = store.commit_chunk(s, _chunk(), *_tables(3, 0), {}, fingerprint="f", run_id="a")
+    second = store.commit_chunk(s, _chunk(), *_tables(1, 2), {}, fingerprint="f", run_id="b")
+    assert second["adopted"] and second["data_part"] == first["data_part"]
+    assert second["rows"] == 3 and second["failed_rows"] == 0
+    parts = sorted(p.relative_to(tmp_path / "out").as_posix()
+                   for p in (tmp_path / "out").glob("*/part-*.parquet"))  # fmt: skip
+    assert parts == [first["data_part"]]
+
+
+def test_commit_refuses_a_chunk_whose_rows_do_not_add_up(tmp_path: Path) -> None:
+    s = spec(tmp_path / "out")
+    with pytest.raises(InputChanged, match="came back as 2 rows, not 3"):
+        store.commit_chunk(s, _chunk(), *_tables(1, 1), {}, fingerprint="f")
+    assert not (tmp_path / "out" / "_markers").exists()
+
+
+def test_garbage_parts_of_committed_chunks_go_at_once_others_after_the_grace(
+    tmp_path: Path,
+) -> None:
+    s = spec(tmp_path / "out")
+    out = tmp_path / "out"
+    marker = store.commit_chunk(s, _chunk(), *_tables(2, 1), {}, fingerprint="f")
+    (out / "data").mkdir(exist_ok=True)
+    stray = out / "data" / "part-f.000000000-000000003.abc.0123456789ab.parquet"  # committed
+    young = out / "data" / "part-g.000000003-000000006.abd.0123456789ab.parquet"  # in flight?
+    old = out / "_failed" / "part-h.000000006-000000009.abe.0123456789ab.parquet"  # long dead
+    for p in (stray, young, old):
+        p.write_bytes(b"x")
+    os.utime(old, (time.time() - 3600, time.time() - 3600))
+    markers = store.read_markers(s)
+    found = store.find_garbage(s, markers)
+    assert sorted(found.removable) == sorted(
+        ["data/" + stray.name, "_failed/" + old.name]
+    ) and found.young == ["data/" + young.name]
+    store.collect_garbage(s, markers)
+    assert sorted(p.name for p in out.glob("*/part-*.parquet")) == sorted(
+        [Path(marker["data_part"]).name, Path(marker["failed_part"]).name, young.name]
+    )
+    store.collect_garbage(s, markers, grace=0)  # status --repair --force
+    assert not young.exists()
+
+
+def test_a_stale_manifest_is_replaced_and_a_current_one_left_alone(tmp_path: Path) -> None:
+    s = spec(tmp_path / "out")
+    store.commit_chunk(s, _chunk(), *_tables(3, 0), {}, fingerprint="f")
+    record = {"fingerprint": "f", "chunks": 1, "input": {"files": 1}}
+    store.write_json(s, store.MANIFEST, {"data_parts": [], "rows": 0}, create_only=True)
+    t = store.totals(store.read_markers(s))
+    assert store.publish_manifest(s, store.manifest_doc(s, record, t, started=0.0))
+    manifest = store.read_output_json(s, store.MANIFEST)
+    assert manifest is not None and manifest["rows"] == 3 and len(manifest["data_parts"]) == 1
+    assert not store.publish_manifest(s, store.manifest_doc(s, record, t, started=0.0))
+
+
+def test_engine_clock_bills_ahead_so_a_killed_engine_has_counted_its_time(tmp_path: Path) -> None:
+    fs, root = store.storage.open_fs(str(tmp_path))
+    s = spec(tmp_path)
+    run = store.start_run(s, "submit")
+    clock = store.EngineClock(fs, root, run.run_id, "actor1", accelerators=1.0, beat=0.2)
+    clock.start()
+    clock.started_chunk(10)
+    time.sleep(1.0)
+    killed_at = time.time()  # the process dies here: no finish, no release
+    (doc,) = store.read_runs(s)
+    assert doc["state"] == "running" and doc["engines"][0]["rows_started"] == 10
+    held = killed_at - clock.doc["created"]
+    assert store.engine_seconds(doc, doc["engines"][0]) >= held
