@@ -54,25 +54,26 @@ def runs_summary(
     runs: Sequence[dict[str, Any]], markers: Sequence[dict[str, Any]]
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Per run: wall time, accelerator-seconds of its engines (killed runs too, as far as
-    their last heartbeat paid), what it committed; and the work paid for but not committed
-    (rows its engines took in that no marker of the run holds: killed runs, failed attempts).
+    their last heartbeat paid), what it committed; and the work paid for but not committed:
+    chunk attempts that reached an engine but whose results were thrown away (a run killed
+    around them, an engine that failed them), from each marker's ``attempts_run``.
     """
     committed: dict[str, tuple[int, int]] = {}
+    redone_chunks = redone_rows = 0
     for m in markers:
+        rows = int(m["rows"]) + int(m["failed_rows"])
         c, r = committed.get(str(m.get("run_id", "")), (0, 0))
-        committed[str(m.get("run_id", ""))] = (c + 1, r + int(m["rows"]) + int(m["failed_rows"]))
+        committed[str(m.get("run_id", ""))] = (c + 1, r + rows)
+        extra = max(0, int(m.get("attempts_run", 1)) - 1)
+        redone_chunks += extra
+        redone_rows += extra * rows
     out = []
-    lost_rows = lost_chunks = 0
     for run in runs:
         engines = run.get("engines", [])
         gpu = sum(
             store.engine_seconds(run, e) * float(e.get("accelerators", 1.0)) for e in engines
         )
         chunks, rows = committed.get(str(run["run_id"]), (0, 0))
-        started = sum(int(e.get("rows_started", 0)) for e in engines)
-        started_chunks = sum(int(e.get("chunks_started", 0)) for e in engines)
-        lost_rows += max(0, started - rows)
-        lost_chunks += max(0, started_chunks - chunks)
         out.append(
             {
                 "run_id": run["run_id"],
@@ -84,13 +85,12 @@ def runs_summary(
                 "engine_replicas": len(engines),
                 "chunks_committed": chunks,
                 "rows_committed": rows,
-                "rows_started": started,
             }
         )
     unfinished = [r for r in out if r["state"] != "finished"]
     paid_not_committed = {
-        "rows": lost_rows,
-        "chunk_attempts": lost_chunks,
+        "rows": redone_rows,
+        "chunk_attempts": redone_chunks,
         "gpu_seconds_of_unfinished_runs": round(sum(r["gpu_seconds"] for r in unfinished), 3),
         "runs_unfinished": len(unfinished),
     }
@@ -283,8 +283,9 @@ def build_ledger(
             "engines' last heartbeat, billed ahead in 10 s steps. wall_seconds: the runs' "
             "wall times added up. On device cpu they are instance-seconds and gpu_hour_usd "
             "is the instance rate.",
-            "paid_not_committed: rows the engines took in that no committed chunk holds "
-            "(runs killed mid-chunk, failed engine attempts): paid for, done again.",
+            "paid_not_committed: chunk attempts (and their rows) that reached an engine but "
+            "were not the one committed (runs killed mid-chunk, failed engine attempts): "
+            "paid for, done again.",
             "savings_vs_batch = 1 - run_cost_usd / batch_usd; cost_ratio = batch_usd / "
             "run_cost_usd; break_even_rows_per_day: rows a day from which a dedicated "
             "accelerator (rate x 24 h) is cheaper than the batch API, to be compared with "

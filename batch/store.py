@@ -577,6 +577,12 @@ def begin_attempt(fs: Any, root: str, chunk_id: str, note: Mapping[str, Any]) ->
         n += 1
 
 
+def attempts_run(fs: Any, root: str, chunk_id: str) -> int:
+    """How many attempts at a chunk reached its engine (failed, killed or running)."""
+    names = storage.list_files(fs, _attempt_dir(root, chunk_id), ".json")
+    return sum(1 for p in names if not p.endswith(".failed.json"))
+
+
 def fail_attempt(fs: Any, root: str, chunk_id: str, number: int, error: str) -> None:
     """Record that the engine failed this attempt (it counts towards giving up)."""
     path = storage.join(_attempt_dir(root, chunk_id), f"{number:04d}.failed.json")
@@ -672,6 +678,9 @@ def commit_chunk(
         if kind == DATA:
             marker["input_tokens"], marker["output_tokens"] = _token_totals(table)
     marker.update(extra)
+    # Every attempt that reached the engine, this one included: the others were paid for and
+    # their results thrown away (a run killed around the chunk, an engine that failed it).
+    marker["attempts_run"] = max(1, attempts_run(fs, root, chunk.chunk_id))
     marker["committed_at"] = time.time()
     body = json.dumps(marker, sort_keys=True).encode()
     marker_path = storage.join(root, marker_name(chunk.chunk_id))

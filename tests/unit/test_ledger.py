@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -35,12 +34,9 @@ def marker(rows: int, inp: int, out: int, start: float, end: float) -> dict[str,
             "engine_end": end}}  # fmt: skip
 
 
-def run(
-    wall: float, gpu: float, *, finished: bool = True, rows_started: int = 0, acc: float = 1.0
-) -> dict[str, Any]:
+def run(wall: float, gpu: float, *, finished: bool = True, acc: float = 1.0) -> dict[str, Any]:
     """A run record as the store reads it: one engine held ``gpu`` seconds."""
-    engine = {"created": 0.0, "paid_until": gpu, "accelerators": acc,
-              "rows_started": rows_started, "chunks_started": 1}  # fmt: skip
+    engine = {"created": 0.0, "paid_until": gpu, "accelerators": acc}
     doc = {"run_id": f"r{wall}-{gpu}", "started_at": 0.0, "alive_at": wall, "engines": [engine]}
     if finished:
         doc.update(finished_at=wall, released_at=gpu, state="finished")
@@ -141,18 +137,19 @@ def test_ledger_sums_every_run_and_reports_work_paid_for_but_not_committed() -> 
     """A run killed mid-job still costs what its engines held (to their last heartbeat); the
     ledger adds every run, lists them, and counts the rows its engines took in for nothing."""
     s = spec(**{"ledger.cpu_hour_usd": "3.6"})
-    killed = run(wall=50, gpu=40, finished=False, rows_started=30)  # SIGKILLed, 0 committed
+    killed = run(wall=50, gpu=40, finished=False)  # SIGKILLed with the chunk in its engine
     killed["run_id"] = "killed"
-    done = run(wall=100, gpu=90, rows_started=20)
+    done = run(wall=100, gpu=90)
     done["run_id"] = "done"
-    m = dict(marker(20, 100, 10, 0, 1), run_id="done", failed_rows=0)
+    m = dict(marker(20, 100, 10, 0, 1), run_id="done", failed_rows=10, attempts_run=2)
     led = build_ledger(s, [m], [killed, done])
     assert led["gpu_seconds"] == pytest.approx(130)  # 40 + 90: the killed run's time counts
     assert led["wall_seconds"] == pytest.approx(150)
     assert led["run_cost_usd"] == pytest.approx(0.13)  # 130 s at $3.60/h
     assert [r["run_id"] for r in led["runs"]] == ["killed", "done"]
     assert led["runs"][0]["state"] == "killed or running"
-    assert led["paid_not_committed"]["rows"] == 30
+    assert led["paid_not_committed"]["rows"] == 30  # the chunk's 30 rows ran twice
+    assert led["paid_not_committed"]["chunk_attempts"] == 1
     assert led["paid_not_committed"]["gpu_seconds_of_unfinished_runs"] == pytest.approx(40)
 
 

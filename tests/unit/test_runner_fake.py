@@ -236,3 +236,149 @@ resources: {{rows_per_chunk: 8}}
     data, failed = read_dir(out / "data"), read_dir(out / "_failed")
     ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
     assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+
+
+# --------------------------------------------------------------------------- the output store
+# Regressions of issue 12: each of these failed on the code before the output store.
+
+
+def _drop_commits(out: Path, n: int, *, keep_data_parts: bool = False) -> list[str]:
+    """Undo the commits of ``n`` chunks as a crash would have left them: markers gone (and the
+    manifest); with ``keep_data_parts`` the data parts stay, as when the attempt was killed
+    between writing its data part and its failed part."""
+    (out / "_MANIFEST.json").unlink(missing_ok=True)
+    lost = []
+    for marker in sorted((out / "_markers").glob("*.json"))[:n]:
+        cid = marker.stem
+        marker.unlink()
+        lost.append(cid)
+        kinds = ("_failed",) if keep_data_parts else ("data", "_failed")
+        for kind in kinds:
+            for part in (out / kind).glob(f"part-{cid}*.parquet"):
+                part.unlink()
+    return lost
+
+
+def _ids_once(out: Path, reviews: Path) -> None:
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews), "every input id exactly once in data/ + _failed/"
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    on_disk = {p.relative_to(out).as_posix() for p in out.glob("*/part-*.parquet")}
+    assert on_disk == set(manifest["data_parts"]) | set(manifest["failed_parts"])
+
+
+def test_an_orphaned_data_part_is_not_read_twice_when_the_rerun_splits_rows_otherwise(
+    reviews: Path, tmp_path: Path
+) -> None:
+    """Item 1: attempt 1 wrote its data part and died; attempt 2 (sampling at temperature > 0,
+    rows failing at random) fails other rows. Reading data/ and _failed/ as folders must still
+    give every id once."""
+    out = tmp_path / "out"
+    opts = "{row_error_rate: 0.5, max_model_len: 400}"
+    spec = fake_job(reviews, out, **{"model.fake_options": opts, "sampling.temperature": "1.0"})
+    run_job(spec, NullReporter())
+    _drop_commits(out, 4, keep_data_parts=True)
+    run_job(spec, NullReporter())
+    _ids_once(out, reviews)
+
+
+def test_chunks_in_flight_through_three_killed_runs_are_run_not_given_up(
+    reviews: Path, tmp_path: Path
+) -> None:
+    """Item 2: attempts recorded by three runs killed around a chunk are not engine failures."""
+    from batch import storage, store
+
+    out = tmp_path / "out"
+    spec = fake_job(reviews, out)
+    run_job(spec, NullReporter())
+    (cid,) = _drop_commits(out, 1)
+    fs, root = storage.open_fs(str(out))
+    for killed in ("run-1", "run-2", "run-3"):
+        store.begin_attempt(fs, root, cid, {"run": killed})
+    run_job(spec, NullReporter())
+    failed = read_dir(out / "_failed")
+    assert "ChunkFailed" not in failed["_error_class"].to_pylist()
+    _ids_once(out, reviews)
+
+
+def test_retry_failed_on_an_incomplete_output_leaves_no_stale_manifest(
+    reviews: Path, tmp_path: Path
+) -> None:
+    """Item 3: a manifest written by retry-failed before the output was complete must not
+    outlive the submit that completes it."""
+    out = tmp_path / "out"
+    spec = fake_job(reviews, out)
+    run_job(spec, NullReporter())
+    _drop_commits(out, 2)
+    bigger = fake_job(reviews, out, **{"model.fake_options": "{max_model_len: 5000}"})
+    retry_failed(bigger, NullReporter())
+    assert not (out / "_MANIFEST.json").exists(), "no manifest for an incomplete output"
+    run_job(spec, NullReporter())
+    _ids_once(out, reviews)
+    manifest = json.loads((out / "_MANIFEST.json").read_text())
+    assert manifest["chunks"] == 10 and manifest["rows"] + manifest["failed_rows"] == 96
+
+
+def test_retry_failed_refuses_a_spec_that_changes_the_job(reviews: Path, tmp_path: Path) -> None:
+    """Item 4: --set may not change the model, prompt or pipeline of part of an output."""
+    out = tmp_path / "out"
+    run_job(fake_job(reviews, out), NullReporter())
+    before = sorted(p.name for p in out.rglob("*") if p.is_file())
+    other = fake_job(reviews, out, **{"prompt.template": "Summarise: {{ body }}"})
+    with pytest.raises(SpecError, match=r"retry-failed would change .*prompt.template"):
+        retry_failed(other, NullReporter())
+    assert sorted(p.name for p in out.rglob("*") if p.is_file()) == before
+
+
+def test_the_ledger_adds_up_every_run_of_a_resumed_job(reviews: Path, tmp_path: Path) -> None:
+    """Item 5: tokens were summed over all runs but engine time only over the last."""
+    out = tmp_path / "out"
+    spec = fake_job(reviews, out)
+    from batch import storage, store
+
+    first = run_job(spec, NullReporter())
+    fs, root = storage.open_fs(str(out))
+    dropped = _drop_commits(out, 5)
+    for cid in dropped:  # as a run killed with these chunks in its engine
+        store.begin_attempt(fs, root, cid, {"run": "killed"})
+    second = run_job(spec, NullReporter())
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert [r["state"] for r in ledger["runs"]] == ["finished", "finished"]
+    assert ledger["gpu_seconds"] == pytest.approx(first.gpu_seconds + second.gpu_seconds, abs=0.01)
+    assert ledger["gpu_seconds"] > second.gpu_seconds > 0
+    assert ledger["wall_seconds"] >= first.wall_seconds + second.wall_seconds - 1.0
+    # The five chunks' rows were paid for twice: the ledger says so.
+    markers = [json.loads((out / "_markers" / f"{c}.json").read_text()) for c in dropped]
+    assert ledger["paid_not_committed"] == {
+        "rows": sum(m["rows"] + m["failed_rows"] for m in markers), "chunk_attempts": 5, "gpu_seconds_of_unfinished_runs": 0.0,
+        "runs_unfinished": 0,
+    }  # fmt: skip
+
+
+def test_a_run_that_loses_its_lease_stops(reviews: Path, tmp_path: Path) -> None:
+    """Item 7: losing the lease was logged and the run carried on beside its successor."""
+    import threading
+
+    from batch import storage, store
+    from batch.errors import LeaseLost
+
+    out = tmp_path / "out"
+    opts = "{max_model_len: 400, delay_per_token: 0.05}"
+    spec = fake_job(reviews, out, **{"model.fake_options": opts, "resources.batch_size": "10"})
+    fs, root = storage.open_fs(str(out))
+
+    def take_over() -> None:  # another run takes the lease once this one's engines run
+        deadline = time.time() + 120
+        while time.time() < deadline and not list((out / "_runs").glob("*/*.json")):
+            time.sleep(0.2)
+        number, doc = store.current_lease(fs, root) or (0, {})
+        path = storage.join(root, store.LEASE_DIR, f"{number + 1:08d}.json")
+        storage.create_only(fs, path, json.dumps(dict(doc, run_id="thief")).encode())
+
+    thief = threading.Thread(target=take_over, daemon=True)
+    thief.start()
+    with pytest.raises(LeaseLost, match="another run took over the lease"):
+        run_job(spec, NullReporter(), lease_ttl=1.5)
+    thief.join()
+    assert len(list((out / "_markers").glob("*.json"))) < 10, "it stopped before the end"
