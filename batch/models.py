@@ -43,6 +43,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -109,10 +110,18 @@ def resolve_model(path: str) -> str:
     URL) is returned unchanged.
 
     Raises:
-        ConfigurationError: an unknown builtin name (the message lists the valid ones), or the
-            package that ships the model is not installed (the message has the pip command).
+        ConfigurationError: an unknown builtin name (the message lists the valid ones), the
+            package that ships the model is not installed (the message has the pip command),
+            or a path that is neither a directory nor a hub id (checked here, before any engine
+            starts, instead of ending in the hub library's repo id validation on a worker).
     """
     if not path.startswith(BUILTIN_PREFIX):
+        if "://" not in path and not os.path.exists(path) and not _is_hub_id(path):
+            raise ConfigurationError(
+                f"model.path {path}: no such model directory (nor a hub id such as "
+                "Qwen/Qwen3-0.6B); point model.path at a folder holding config.json, or use "
+                f"{BUILTIN_PREFIX}{SMOLLM2_NAME}"
+            )
         return path
     name = path[len(BUILTIN_PREFIX) :].strip()
     if name == SMOLLM2_NAME:
@@ -121,6 +130,23 @@ def resolve_model(path: str) -> str:
         return str(minilm_dir())
     valid = ", ".join(BUILTIN_PREFIX + n for n in BUILTIN_MODELS)
     raise ConfigurationError(f"unknown builtin model {path!r}; use one of: {valid}")
+
+
+_HUB_ID = re.compile(r"^(?:[\w.-]+/)?[\w.-]+$")
+
+
+def _is_hub_id(path: str) -> bool:
+    """The shape the hub accepts for a repo id: ``name`` or ``namespace/name`` (letters,
+    digits, ``-_.``; no ``--`` or ``..``; not starting with ``.`` or ``-``; 96 characters at
+    most). A path such as ``/models/x`` or ``./x`` is not one."""
+    return (
+        len(path) <= 96
+        and bool(_HUB_ID.match(path))
+        and "--" not in path
+        and ".." not in path
+        and not path.startswith((".", "-"))
+        and not path.endswith((".", "-"))
+    )
 
 
 def minilm_dir() -> Path:

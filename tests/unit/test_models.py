@@ -59,11 +59,21 @@ def test_builtin_models() -> None:
 
 
 @pytest.mark.parametrize(
-    "path",
-    ["/models/my-llm", "HuggingFaceTB/SmolLM2-135M-Instruct", "s3://bucket/model/", "relative/dir"],
+    "path", ["HuggingFaceTB/SmolLM2-135M-Instruct", "gpt2", "s3://bucket/model/", "relative/dir"]
 )
 def test_resolve_model_passes_other_paths_through(path: str) -> None:
     assert models.resolve_model(path) == path
+
+
+def test_resolve_model_passes_an_existing_directory_through(tmp_path: Path) -> None:
+    assert models.resolve_model(str(tmp_path)) == str(tmp_path)
+
+
+@pytest.mark.parametrize("path", ["/models/my-llm", "./models/my-llm", "~/models/x", "a/b/c"])
+def test_a_path_that_is_neither_a_directory_nor_a_hub_id_says_so(path: str) -> None:
+    # before any engine starts, instead of the hub library's repo id validation on a worker
+    with pytest.raises(ConfigurationError, match=r"no such model directory.*point model\.path"):
+        models.resolve_model(path)
 
 
 def test_unknown_builtin_names_the_valid_ones() -> None:
