@@ -400,3 +400,36 @@ def test_readme_lists_the_catalog() -> None:
     readme = (REPO / "README.md").read_text()
     assert "## Bad inputs and what you see" in readme
     assert readme_table() in readme, "README table out of date: paste readme_table()"
+
+
+# --------------------------------------------------------------------------- the mapping itself
+
+
+def test_verbose_puts_the_traceback_in_the_log_before_the_line(tmp_path: Path) -> None:
+    argv = _submit(out="memory://bad-inputs-verbose/out/")(tmp_path)
+    res = batchinfer(*argv, "--verbose")
+    assert "Traceback" in res.stderr
+    assert res.stderr.strip().splitlines()[-1].startswith("error: memory://")
+    assert res.returncode == 2
+
+
+def test_an_unexpected_error_is_one_line_that_says_what_to_do() -> None:
+    from batch.cli import _explain
+
+    code, text = _explain(RuntimeError("boom\nsecond line"))
+    assert code == 1
+    assert text.startswith("RuntimeError: boom; second line; ") and "--verbose" in text
+
+
+def test_a_record_caught_mid_write_is_read_again(tmp_path: Path) -> None:
+    import threading
+
+    from batch import storage
+
+    path = tmp_path / "00000001.json"
+    path.write_text('{"holder": "host-1:123", "expi')  # its writer is not done yet
+    done = threading.Timer(0.1, lambda: path.write_text('{"holder": "host-1:123"}'))
+    done.start()
+    fs, _ = storage.open_fs(str(tmp_path))
+    assert storage.read_json(fs, str(path)) == {"holder": "host-1:123"}
+    done.join()
