@@ -198,6 +198,12 @@ class ResourcesSpec(_Spec):
         description="Attempts at a chunk before it is given up and its rows go to _failed/ "
         "(a chunk being retried runs alone on its engine).",
     )
+    chunk_timeout_s: float | None = Field(
+        default=1800.0,
+        gt=0,
+        description="Seconds an engine may hold requests without finishing any before it is "
+        "declared hung and restarted (its chunks lose an attempt); null disables.",
+    )
     cpus_per_replica: float = Field(
         default=1, gt=0, description="Logical Ray CPUs reserved by each engine replica."
     )

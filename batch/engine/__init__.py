@@ -2,16 +2,36 @@
 
 Nothing here imports vllm or torch. ``build_engine`` imports the chosen engine module only
 when an engine is actually built (inside an engine actor).
+
+Failure model, shared by every engine (after Ray Data LLM's vLLM stage): an exception raised
+for one request is that row's failure (a result with ``error_kind``), unless the engine
+itself is broken (a fatal error, or ``healthy()`` is False), which fails the whole chunk. A
+chunk that fails for any reason, cancellation included, first aborts its requests still in
+the engine, so its retry does not run beside them. ``run_watched`` implements both.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+
+from batch.errors import TransientError
 
 if TYPE_CHECKING:
     from batch.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+# Bounds on the clean-up of a failed chunk: an engine that does not take an abort (or a
+# request that ignores cancellation) must not hang the failure it is reporting.
+_CLEANUP_TIMEOUT_S = 10.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,12 +58,22 @@ class EngineResult:
     timings: dict[str, float] = field(default_factory=dict)  # finished_at: unix time
 
 
+class EngineHung(TransientError):
+    """The engine held requests and finished none of them for ``resources.chunk_timeout_s``.
+
+    Raised by ``Engine.run``; the engine's ``healthy()`` is False from then on, so the
+    actor replaces it (a hung engine cannot be trusted to come back).
+    """
+
+
 class Engine(Protocol):
     """An inference engine held by one engine actor for the whole job.
 
     ``run`` is called concurrently for several chunks; the engine must batch across them.
     Per-row failures come back as results with ``error_kind``; an exception from ``run``
-    means the engine itself is broken and fails the chunk.
+    means the engine itself is broken and fails the chunk (its requests are aborted first).
+    ``run`` raises :class:`EngineHung` when the engine makes no progress for
+    ``resources.chunk_timeout_s``; ``healthy()`` is False afterwards.
     """
 
     task: Literal["generate", "embed"]
@@ -51,7 +81,8 @@ class Engine(Protocol):
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]: ...
 
     def healthy(self) -> bool:
-        """False once the engine cannot serve again (its process died); the actor restarts."""
+        """False once the engine cannot serve again (its process died, or it hung): the
+        actor must be restarted with a fresh engine."""
         ...
 
     def processes(self) -> list[tuple[int, float]]:
@@ -59,6 +90,135 @@ class Engine(Protocol):
         ...
 
     def close(self) -> None: ...
+
+
+def row_error(key: int, exc: BaseException, input_tokens: int = 0) -> EngineResult:
+    """One request's exception as that row's failure: the error class and its message.
+
+    A wrapper without a message of its own (vLLM's ``EngineGenerateError`` re-raises every
+    unexpected per-request error that way) is unwrapped, so ``_failed/`` names the cause.
+    """
+    cause: BaseException = exc
+    while not str(cause) and cause.__cause__ is not None:
+        cause = cause.__cause__
+    return EngineResult(
+        key=key,
+        input_tokens=input_tokens,
+        error_kind=type(cause).__name__,
+        error=(str(cause) or type(cause).__name__)[:500],
+    )
+
+
+class Watchdog:
+    """Tells a hung engine from a busy one, for every chunk on one engine.
+
+    The engine is hung when requests are pending in it and none of them finished (or
+    produced output) for ``timeout_s``. A chunk queued behind other chunks is therefore not
+    hung while the others make progress, and the clock starts when the engine gets work
+    after being idle. ``timeout_s`` None never declares a hang.
+    """
+
+    def __init__(
+        self, timeout_s: float | None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.timeout_s = timeout_s
+        self.clock = clock
+        self.pending = 0
+        self.last_progress = clock()
+        self.hung = False
+
+    @contextlib.contextmanager
+    def request(self) -> Iterator[None]:
+        """Around one request's time in the engine; leaving it, except by cancellation, is
+        progress (a row error is the engine answering too)."""
+        if self.pending == 0:
+            self.last_progress = self.clock()  # idle until now: the clock starts with work
+        self.pending += 1
+        cancelled = False
+        try:
+            yield
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            self.pending -= 1
+            if not cancelled:
+                self.last_progress = self.clock()
+
+    def progress(self) -> None:
+        """A pending request produced output."""
+        self.last_progress = self.clock()
+
+    def seconds_left(self) -> float | None:
+        """Seconds until the engine counts as hung if nothing happens (None: never)."""
+        if self.timeout_s is None:
+            return None
+        if self.hung:
+            return 0.0
+        if self.pending == 0:
+            return self.timeout_s
+        return self.last_progress + self.timeout_s - self.clock()
+
+
+async def run_watched(
+    work: Iterable[Awaitable[T]],
+    watchdog: Watchdog,
+    abort: Callable[[], Awaitable[None]] | None = None,
+) -> list[T]:
+    """Await one chunk's requests together, in order; fail the chunk as a unit.
+
+    If one of them raises (a fatal engine error: per-row errors are results by now), if the
+    watchdog finds the engine hung, or if the chunk is cancelled, ``abort`` tells the engine
+    to drop this chunk's requests, the remaining ones are cancelled, and the error
+    propagates. After a hang, ``watchdog.hung`` stays True.
+    """
+    tasks = [asyncio.ensure_future(w) for w in work]
+    if not tasks:
+        return []
+    try:
+        while True:
+            left = watchdog.seconds_left()
+            _, pending = await asyncio.wait(
+                tasks,
+                timeout=None if left is None else max(left, 0.0) + 0.01,
+                return_when=asyncio.FIRST_EXCEPTION,
+            )
+            for t in tasks:
+                failure = t.exception() if t.done() and not t.cancelled() else None
+                if failure is not None:
+                    raise failure
+            if not pending:
+                return [t.result() for t in tasks]
+            left = watchdog.seconds_left()
+            if left is not None and left <= 0:
+                watchdog.hung = True
+                raise EngineHung(
+                    f"the engine finished no request for {watchdog.timeout_s:g}s with "
+                    f"{watchdog.pending} pending; it is replaced and the chunk retried (raise "
+                    "resources.chunk_timeout_s if one request can legitimately take longer)"
+                )
+    except BaseException:
+        await _stop(tasks, abort)
+        raise
+
+
+async def _stop(
+    tasks: Sequence[asyncio.Future[T]], abort: Callable[[], Awaitable[None]] | None
+) -> None:
+    """Abort a failed chunk's requests in the engine, then cancel and reap their tasks."""
+    running = [t for t in tasks if not t.done()]
+    if abort is not None and running:
+        try:
+            await asyncio.wait_for(abort(), _CLEANUP_TIMEOUT_S)
+        except Exception as exc:  # the chunk is failing already; its error is the news
+            log.warning("could not abort the requests of a failed chunk: %s", exc)
+    for t in running:
+        t.cancel()
+    if running:
+        await asyncio.wait(running, timeout=_CLEANUP_TIMEOUT_S)
+    for t in tasks:  # retrieve every exception, so asyncio does not log them as lost
+        if t.done() and not t.cancelled():
+            t.exception()
 
 
 def build_engine(spec: JobSpec, model_path: str) -> Engine:

@@ -5,11 +5,15 @@ One ``VLLMEngine`` lives in each engine actor for the whole job. It wraps vLLM's
 chunk's ``run`` submits all its rows at once and awaits them, while other chunks do the
 same. The prompt is tokenized exactly once, here (chat template included), and the token
 ids are handed to vLLM, so the token counts we report are the ones the engine saw.
+
+Failures follow ``batch.engine``: any exception raised for one request is that row's error,
+unless the engine is dead (``EngineDeadError``, or ``errored``), which fails the chunk; a
+failed or cancelled chunk aborts its requests in vLLM; an engine that finishes nothing for
+``resources.chunk_timeout_s`` while holding requests raises ``EngineHung`` and stays unhealthy.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
 import logging
@@ -18,7 +22,7 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from batch.engine import EngineRequest, EngineResult
+from batch.engine import EngineRequest, EngineResult, Watchdog, row_error, run_watched
 from batch.errors import ConfigurationError
 
 if TYPE_CHECKING:
@@ -51,6 +55,7 @@ class VLLMEngine:
             import vllm
             from vllm.inputs import TokensPrompt
             from vllm.sampling_params import RequestOutputKind
+            from vllm.v1.engine.exceptions import EngineDeadError
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError(
                 f"vLLM is not installed ({exc}); install the engine extra: "
@@ -58,6 +63,10 @@ class VLLMEngine:
             ) from exc
         self.task = spec.model.task
         self._tokens_prompt = TokensPrompt
+        # The errors after which the engine cannot serve again (as in Ray Data LLM's vLLM
+        # stage); every other exception raised for a request is that row's failure.
+        self._fatal: tuple[type[BaseException], ...] = (EngineDeadError,)
+        self._watchdog = Watchdog(spec.resources.chunk_timeout_s)
         args = engine_arguments(spec, model_path)
         try:
             engine_args = vllm.AsyncEngineArgs(**args)
@@ -96,14 +105,24 @@ class VLLMEngine:
             self._params = vllm.PoolingParams(task="embed")
 
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        return list(await asyncio.gather(*(self._one(r) for r in requests)))
+        request_ids = [f"r{next(self._ids)}" for _ in requests]
 
-    async def _one(self, req: EngineRequest) -> EngineResult:
-        result = await self._run_one(req)
+        async def abort() -> None:
+            if not self._engine.errored:  # a dead engine core takes no aborts
+                await self._engine.abort(request_ids)
+
+        return await run_watched(
+            (self._one(r, i) for r, i in zip(requests, request_ids, strict=True)),
+            self._watchdog,
+            abort,
+        )
+
+    async def _one(self, req: EngineRequest, request_id: str) -> EngineResult:
+        result = await self._run_one(req, request_id)
         result.timings["finished_at"] = time.time()
         return result
 
-    async def _run_one(self, req: EngineRequest) -> EngineResult:
+    async def _run_one(self, req: EngineRequest, request_id: str) -> EngineResult:
         try:
             ids = self._tokenize(req)
         except Exception as exc:  # a row the tokenizer cannot take is that row's problem
@@ -119,35 +138,40 @@ class VLLMEngine:
                 "(raise model.engine_args.max_model_len if the model allows, or shorten the "
                 "template)",
             )
-        prompt = self._tokens_prompt(prompt_token_ids=ids)
-        request_id = f"r{next(self._ids)}"
         try:
-            if self.task == "embed":
-                pooled: Any = None
-                async for pooled_out in self._engine.encode(prompt, self._params, request_id):
-                    pooled = pooled_out
-                assert pooled is not None
-                vector = pooled.outputs.data.float().tolist()
-                return EngineResult(key=req.key, input_tokens=len(ids), embedding=vector)
-            final: Any = None
-            async for out in self._engine.generate(prompt, self._params, request_id):
-                final = out
-            assert final is not None
-            completion = final.outputs[0]
-            return EngineResult(
-                key=req.key,
-                text=completion.text,
-                finish_reason=str(completion.finish_reason),
-                input_tokens=len(ids),
-                output_tokens=len(completion.token_ids),
-            )
-        except ValueError as exc:  # vLLM's per-request validation (lengths, params)
-            return EngineResult(
-                key=req.key,
-                input_tokens=len(ids),
-                error_kind="EngineRejected",
-                error=str(exc)[:500],
-            )
+            with self._watchdog.request():
+                return await self._infer(req.key, ids, request_id)
+        except Exception as exc:
+            if isinstance(exc, self._fatal) or not self.healthy():
+                raise  # the engine is broken: the chunk fails and is retried elsewhere
+            log.info("request %s (row %d) failed: %s: %s", request_id, req.key, type(exc), exc)
+            return row_error(req.key, exc, input_tokens=len(ids))
+
+    async def _infer(self, key: int, ids: list[int], request_id: str) -> EngineResult:
+        prompt = self._tokens_prompt(prompt_token_ids=ids)
+        if self.task == "embed":
+            pooled: Any = None
+            async for pooled_out in self._engine.encode(prompt, self._params, request_id):
+                pooled = pooled_out
+                self._watchdog.progress()
+            if pooled is None:
+                raise RuntimeError("vLLM returned no embedding")
+            vector = pooled.outputs.data.float().tolist()
+            return EngineResult(key=key, input_tokens=len(ids), embedding=vector)
+        final: Any = None
+        async for out in self._engine.generate(prompt, self._params, request_id):
+            final = out
+            self._watchdog.progress()
+        if final is None:
+            raise RuntimeError("vLLM returned no output")
+        completion = final.outputs[0]
+        return EngineResult(
+            key=key,
+            text=completion.text,
+            finish_reason=str(completion.finish_reason),
+            input_tokens=len(ids),
+            output_tokens=len(completion.token_ids),
+        )
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:
@@ -160,7 +184,7 @@ class VLLMEngine:
         return list(self._tokenizer.encode(req.text or ""))
 
     def healthy(self) -> bool:
-        return not self._engine.errored
+        return not self._engine.errored and not self._watchdog.hung
 
     def processes(self) -> list[tuple[int, float]]:
         """(pid, start time) of every process the engine started, for the driver to reap."""
@@ -168,6 +192,9 @@ class VLLMEngine:
 
     def close(self) -> None:
         """Stop the engine and every process it started; none may outlive the actor."""
+        if self._watchdog.hung:
+            # A hung engine core may not answer a polite shutdown: end its processes first.
+            _terminate(self._processes)
         try:
             self._engine.shutdown()
         finally:
