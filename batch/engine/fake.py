@@ -1,14 +1,31 @@
 """A deterministic fake engine with injectable faults, for fast tests without vLLM.
 
+It fails the way ``batch.engine`` says engines fail: an exception for one row is that row's
+error, an engine fault fails the chunk, and an engine that finishes nothing for
+``resources.chunk_timeout_s`` raises ``EngineHung`` and reports itself unhealthy.
+
 ``model.fake_options`` (all optional):
 - ``max_model_len`` (int, default 512): prompts with more "tokens" (words) fail as too long.
 - ``fail_rows_containing`` (str): rows whose prompt contains it fail with ``EngineError``.
+- ``row_error_rate`` (float 0..1, default 0): each row fails with ``EngineError`` with this
+  probability, drawn afresh on every attempt (so a retry splits the rows differently).
+- ``raise_row_exception_on_text`` (str): computing a row whose prompt contains it raises
+  ``FakeRowException``, which must come back as that row's error (``error_kind``
+  ``FakeRowException``), the rest of the chunk unharmed.
 - ``crash_on_text`` (str): a chunk holding a row with this text raises (engine fault).
+- ``hang_on_text`` (str): a chunk holding a row with this text hangs the engine, as a stuck
+  engine core would: it and every chunk still running never return, until cancelled or the
+  engine is declared hung (nothing finished for ``resources.chunk_timeout_s``).
 - ``delay_per_token`` (float seconds, default 0): simulated decode time.
 - ``dims`` (int, default 8): embedding size.
 - ``die_on_text`` (str) with ``die_flag_dir`` (path): the first time a chunk holds a row with
   this text, the engine actor's process exits (as a crashed engine takes its actor down);
   the flag file in ``die_flag_dir`` makes it happen once per text and job.
+
+``sampling.temperature`` > 0 makes generated text random: its last word is replaced by a
+random one on every attempt (token counts unchanged), so a test can tell attempts apart.
+The engine records the keys of requests it aborted (a failed or cancelled chunk's) in
+``aborted``.
 """
 
 from __future__ import annotations
@@ -17,11 +34,12 @@ import asyncio
 import hashlib
 import math
 import os
+import random
 import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from batch.engine import EngineRequest, EngineResult
+from batch.engine import EngineRequest, EngineResult, Watchdog, row_error, run_watched
 
 if TYPE_CHECKING:
     from batch.spec import JobSpec
@@ -29,6 +47,14 @@ if TYPE_CHECKING:
 
 class FakeEngineCrash(RuntimeError):
     """Raised by the fake engine when told to crash, as a dying engine would."""
+
+
+class FakeRowException(RuntimeError):
+    """Raised for one row when told to (``raise_row_exception_on_text``); a row error."""
+
+
+# Fresh randomness in every process and attempt (a forked worker shares no seed with another).
+_rng = random.SystemRandom()
 
 
 class FakeEngine:
@@ -44,18 +70,42 @@ class FakeEngine:
         self.dims = int(opts.get("dims", 8))
         self.die_marker = opts.get("die_on_text")
         self.die_flag_dir = opts.get("die_flag_dir")
+        self.row_error_rate = float(opts.get("row_error_rate", 0.0))
+        self.raise_marker = opts.get("raise_row_exception_on_text")
+        self.hang_marker = opts.get("hang_on_text")
+        self.temperature = spec.sampling.temperature
+        self.aborted: list[int] = []
+        self._stuck = False
+        self._watchdog = Watchdog(spec.resources.chunk_timeout_s)
 
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
-        results = []
-        for req in requests:
-            prompt = _prompt_text(req)
-            if self.die_marker and self.die_marker in prompt:
-                self._maybe_die()
-            if self.crash_marker and self.crash_marker in prompt:
-                raise FakeEngineCrash(f"fake engine told to crash on {self.crash_marker!r}")
-            results.append(self._one(req, prompt))
-        if self.delay:
-            await asyncio.sleep(self.delay * sum(r.output_tokens for r in results))
+        keys = [r.key for r in requests]
+
+        async def abort() -> None:
+            self.aborted.extend(keys)
+
+        (results,) = await run_watched([self._chunk(requests)], self._watchdog, abort)
+        return results
+
+    async def _chunk(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        with self._watchdog.request():
+            results = []
+            for req in requests:
+                prompt = _prompt_text(req)
+                if self.die_marker and self.die_marker in prompt:
+                    self._maybe_die()
+                if self.crash_marker and self.crash_marker in prompt:
+                    raise FakeEngineCrash(f"fake engine told to crash on {self.crash_marker!r}")
+                if self.hang_marker and self.hang_marker in prompt:
+                    self._stuck = True
+                try:
+                    results.append(self._one(req, prompt))
+                except Exception as exc:  # as in the vLLM engine: one row's exception
+                    results.append(row_error(req.key, exc))
+            if self.delay:
+                await asyncio.sleep(self.delay * sum(r.output_tokens for r in results))
+            if self._stuck:
+                await asyncio.Event().wait()  # until cancelled
         done = time.time()
         for r in results:
             r.timings["finished_at"] = done
@@ -74,6 +124,12 @@ class FakeEngine:
             return EngineResult(
                 key=req.key, error_kind="EngineError", error="fake engine rejected the row"
             )
+        if self.raise_marker and self.raise_marker in prompt:
+            raise FakeRowException(f"fake engine told to raise on {self.raise_marker!r}")
+        if self.row_error_rate and _rng.random() < self.row_error_rate:
+            return EngineResult(
+                key=req.key, error_kind="EngineError", error="fake engine failed the row at random"
+            )
         if self.task == "embed":
             return EngineResult(
                 key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
@@ -82,7 +138,10 @@ class FakeEngine:
         n_out = (
             self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
         )
-        text = " ".join((words * (n_out // max(1, len(words)) + 1))[:n_out])
+        out = (words * (n_out // max(1, len(words)) + 1))[:n_out]
+        if self.temperature > 0 and out:
+            out[-1] = f"~{_rng.getrandbits(40):010x}"  # sampling: differs on every attempt
+        text = " ".join(out)
         reason = "length" if n_out == self.max_tokens else "stop"
         return EngineResult(
             key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
@@ -98,7 +157,7 @@ class FakeEngine:
         os._exit(3)
 
     def healthy(self) -> bool:
-        return True
+        return not self._watchdog.hung
 
     def processes(self) -> list[tuple[int, float]]:
         return []
