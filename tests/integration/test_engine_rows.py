@@ -1,0 +1,93 @@
+"""The vLLM engine's failure handling on real vLLM (CPU), in process, without Ray.
+
+One engine, three situations a user meets: a request vLLM itself rejects fails only its row
+(vLLM 0.32 raises ``VLLMValidationError``, not a ``ValueError``); a cancelled chunk leaves no
+request behind in the engine; an engine that finishes nothing for ``chunk_timeout_s`` raises
+``EngineHung``, drops the chunk's requests and reports itself unhealthy.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from batch.engine import EngineHung, EngineRequest, Watchdog
+from batch.spec import parse_spec
+
+
+def rows(*texts: str) -> list[EngineRequest]:
+    return [
+        EngineRequest(key=i, messages=({"role": "user", "content": t},))
+        for i, t in enumerate(texts)
+    ]
+
+
+def test_real_vllm_row_errors_aborts_and_hangs(demo_models: dict[str, Path]) -> None:
+    from batch.engine.vllm import VLLMEngine
+
+    args = {"max_model_len": 1024, "enforce_eager": True, "dtype": "bfloat16"}
+    spec = parse_spec(
+        f"""
+name: engine-rows
+input: {{path: /unused}}
+output: {{path: /unused-out}}
+model: {{path: m, engine_args: {json.dumps(args)}}}
+prompt: {{template: "{{{{ text }}}}"}}
+sampling: {{max_tokens: 8}}
+resources: {{chunk_timeout_s: null}}
+"""
+    )
+    engine = VLLMEngine(spec, str(demo_models["smollm2-135m-instruct"]))
+    llm = engine._engine
+    try:
+        asyncio.run(scenario(engine, llm))  # one event loop: vLLM's output handler lives in it
+    finally:
+        engine.close()
+    assert all(not p.is_running() for p in engine._processes)
+
+
+async def scenario(engine: Any, llm: Any) -> None:
+    # A row whose token ids vLLM rejects (out of vocabulary): that row's error only.
+    tokenize = engine._tokenize
+
+    def bad_ids_for_oov(req: EngineRequest) -> list[int]:
+        ids = tokenize(req)
+        return [-1, *ids] if "OOV" in str(req.messages) else ids
+
+    engine._tokenize = bad_ids_for_oov
+    results = await engine.run(rows("Say hello.", "OOV Say hi.", "Name a colour."))
+    assert [r.error_kind for r in results] == [None, "VLLMValidationError", None]
+    assert "vocabulary" in (results[1].error or "")
+    assert results[0].output_tokens > 0 and results[2].output_tokens > 0
+    assert engine.healthy()
+
+    # Long generations from here on, so a chunk is still running when it is stopped.
+    engine._params.max_tokens = 900
+    engine._params.ignore_eos = True
+    chunk = rows("Tell a long story.", "Write a long poem.")
+
+    task = asyncio.ensure_future(engine.run(chunk))
+    await asyncio.sleep(1.0)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)
+    # nothing left running in the engine beside the chunk's retry
+    assert llm.output_processor.get_num_unfinished_requests() == 0
+
+    # Final-only outputs: nothing finishes during a long generation, so with a short timeout
+    # the engine counts as hung.
+    engine._watchdog = Watchdog(1.0)
+    start = time.monotonic()
+    with pytest.raises(EngineHung):
+        await engine.run(chunk)
+    assert 1.0 <= time.monotonic() - start < 10
+    await asyncio.sleep(0.5)
+    assert llm.output_processor.get_num_unfinished_requests() == 0
+    assert not engine.healthy()  # the actor restarts with a fresh engine
