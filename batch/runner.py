@@ -360,11 +360,31 @@ def ray_session(
         kwargs["include_dashboard"] = False
         processes = cpus.local_session()
     with processes as session:
-        ray.init(**kwargs)
+        with contextlib.nullcontext() if verbose else _quiet_stderr():
+            ray.init(**kwargs)
         try:
             yield session()
         finally:
             ray.shutdown()
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 while Ray starts: its C++ core writes start-up lines (e.g.
+    "Set ray log level from environment variable ...") straight to the descriptor, past
+    Python's logging. Errors still reach the driver as exceptions."""
+    import sys
+
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def _configure_ray_data(verbose: bool) -> None:
@@ -535,12 +555,22 @@ class _LeaseAndRun:
         if self.run is not None:
             self.run.beat()
 
-    def __exit__(self, *exc: object) -> None:
-        self._stack.close()
-
     @property
     def lost(self) -> bool:
         return bool(self.lease and self.lease.lost)
+
+    def __exit__(self, exc_type: object, *exc: object) -> None:
+        self._stack.close()
+        if exc_type is KeyboardInterrupt and self.lost:  # the interrupt came from the lease
+            raise _lease_lost(self.spec) from None
+
+
+def _lease_lost(spec: JobSpec) -> LeaseLost:
+    return LeaseLost(
+        f"another run took over the lease on {spec.output.path} (this run could not renew it "
+        "in time); this run stopped, its committed chunks are kept. Check `batchinfer status` "
+        "before running again."
+    )
 
 
 def _interrupt() -> None:
@@ -589,12 +619,7 @@ def _run_pending(
                             reporter.chunk_done(stats)
                     except KeyboardInterrupt:
                         if held.lost:
-                            raise LeaseLost(
-                                f"another run took over the lease on {spec.output.path} (this "
-                                "run could not renew it in time); this run stopped, its "
-                                "committed chunks are kept. Check `batchinfer status` before "
-                                "running again."
-                            ) from None
+                            raise _lease_lost(spec) from None
                         state = "interrupted"
                         raise
                     except Exception as exc:

@@ -195,8 +195,9 @@ class ResourcesSpec(_Spec):
     max_attempts: int = Field(
         default=3,
         ge=1,
-        description="Attempts at a chunk before it is given up and its rows go to _failed/ "
-        "(a chunk being retried runs alone on its engine).",
+        description="Engine failures of a chunk before it is given up and its rows go to "
+        "_failed/ (a run killed around a chunk does not count; a chunk being retried runs "
+        "alone on its engine).",
     )
     chunk_timeout_s: float | None = Field(
         default=1800.0,

@@ -2,8 +2,9 @@
 
 Exactly-once output rests on one primitive, :func:`create_only`: a write that lands only if
 nothing is at the path yet, and that tells the caller whether it won. Two attempts at the same
-chunk (a retried Ray task, a resumed job) then race safely: one creates the part, the other sees
-``False`` and adopts what is there. No partial object is ever visible at the final path.
+chunk (a retried Ray task, a resumed job) then race safely: one creates the marker, the other
+sees ``False`` and defers to it (see :mod:`batch.store`). No partial object is ever visible at
+the final path.
 
 - Local disk: temp file in the same directory, fsync, ``os.link`` (atomic, fails if taken).
 - S3 (s3fs): a conditional PUT (``If-None-Match: *``); a 412 means someone else won.
@@ -298,8 +299,8 @@ def join(root: str, *parts: str) -> str:
 def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
     """Write ``data`` at ``path`` only if nothing is there; True if this call created it.
 
-    False means the path was already taken (another attempt won): the caller should adopt
-    what is there. Readers never see a partial object at ``path``.
+    False means the path was already taken (another attempt won): the caller defers to what
+    is there. Readers never see a partial object at ``path``.
 
     Empty ``data`` is refused (ValueError): s3fs turns an empty "xb" write into a plain,
     non-exclusive touch, and an empty part or marker is a bug upstream anyway.

@@ -367,11 +367,6 @@ def test_bad_input_ends_in_one_line(
     assert not changed, f"files changed or lost: {changed}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="runner.ray_session sets RAY_BACKEND_LOG_LEVEL, and Ray's C++ logger then prints "
-    "'Set ray log level from environment variable ...' to stderr whatever the level",
-)
 def test_quiet_prints_the_summary_line_only(finished: Path) -> None:
     stdout, stderr = json.loads((finished / "quiet-run.txt").read_text())
     assert stderr == ""

@@ -52,7 +52,8 @@ def test_missing_input_is_one_line_exit_2(tmp_path: Path) -> None:
     )
     res = batchinfer("submit", str(job))
     assert res.returncode == 2
-    assert res.stderr.strip().startswith("error: input.path: no Parquet files")
+    assert res.stderr.strip().startswith("error: input.path:")
+    assert "does not exist; check the path" in res.stderr and "Traceback" not in res.stderr
 
 
 def test_submit_logs_json_lines_when_not_a_terminal(reviews: Path, tmp_path: Path) -> None:

@@ -351,8 +351,8 @@ def test_the_ledger_adds_up_every_run_of_a_resumed_job(reviews: Path, tmp_path: 
     # The five chunks' rows were paid for twice: the ledger says so.
     markers = [json.loads((out / "_markers" / f"{c}.json").read_text()) for c in dropped]
     assert ledger["paid_not_committed"] == {
-        "rows": sum(m["rows"] + m["failed_rows"] for m in markers), "chunk_attempts": 5, "gpu_seconds_of_unfinished_runs": 0.0,
-        "runs_unfinished": 0,
+        "rows": sum(m["rows"] + m["failed_rows"] for m in markers),
+        "chunk_attempts": 5, "gpu_seconds_of_unfinished_runs": 0.0, "runs_unfinished": 0,
     }  # fmt: skip
 
 
