@@ -19,8 +19,8 @@ import typer
 from batch.errors import BatchInferError, SpecError
 
 if TYPE_CHECKING:
-    from batch.runner import RunSummary
     from batch.spec import JobSpec
+    from batch.summary import RunSummary
 
 app = typer.Typer(
     name="batchinfer",
@@ -243,7 +243,7 @@ def submit(
     except SpecError as exc:
         _fail(str(exc), 2)
         return
-    from batch.runner import run_job
+    from batch.job import run_job
 
     _run_reported(
         lambda reporter: run_job(spec, reporter, address=address, verbose=verbose, wait=wait),
@@ -463,7 +463,7 @@ def retry_failed_cmd(
 
       batchinfer retry-failed out/enrich-reviews/ --set model.engine_args.max_model_len=8192
     """
-    from batch.runner import retry_failed
+    from batch.job import retry_failed
 
     json_lines = not sys.stdout.isatty()
     _configure_logging(verbose, json_lines)
@@ -500,7 +500,7 @@ def ledger(
 
       batchinfer ledger jobs/enrich.yaml --reprice --set ledger.cpu_hour_usd=0.05
     """
-    from batch import storage, store
+    from batch import store
     from batch.report import chart_png, print_table, to_markdown
 
     _configure_logging(False, False)
@@ -523,10 +523,8 @@ def ledger(
         typer.echo(json.dumps(doc, indent=2))
         return
     print_table(doc)
-    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
     for name, body in (("ledger.md", to_markdown(doc).encode()), ("ledger.png", chart_png(doc))):
-        with fs.open(storage.join(root, name), "wb") as fh:
-            fh.write(body)
+        store.write_file(spec, name, body)
     typer.echo(f"wrote {spec.output.path.rstrip('/')}/ledger.md and ledger.png")
 
 

@@ -152,8 +152,8 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
 
 def _measure(spec: JobSpec, plan: planning.Plan, n: int) -> dict[str, Any]:
     """Run ``n`` sampled rows for real in a scratch output; return usage and throughput."""
+    from batch.job import run_job
     from batch.progress import NullReporter
-    from batch.runner import run_job
 
     rows = sample_rows(spec, plan, n)
     with tempfile.TemporaryDirectory(prefix="batchinfer-plan-") as tmp:

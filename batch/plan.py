@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from batch import prompt, storage, store
 from batch.errors import InputChanged, SpecError
 from batch.spec import JobSpec
-from batch.store import MARKERS, Chunk
+from batch.store import Chunk
 
 log = logging.getLogger(__name__)
 
@@ -258,9 +258,8 @@ def plan_chunks(
 
 
 def committed_chunk_ids(spec: JobSpec) -> set[str]:
-    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    names = storage.list_files(fs, storage.join(root, MARKERS), ".json")
-    return {n.rsplit("/", 1)[-1].removesuffix(".json") for n in names}
+    """The chunks whose marker exists (a listing of marker names, no reads): the store's."""
+    return store.committed_chunk_ids(spec)
 
 
 def check_columns(spec: JobSpec, schema: pa.Schema, required: Iterable[str]) -> None:

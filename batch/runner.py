@@ -1,4 +1,4 @@
-"""The runner: plan -> Ray Data (read+prepare -> engine actor pool -> finish+commit) -> manifest.
+"""The Ray stages of a job: read+prepare -> engine actor pool -> finish+commit.
 
 Each pending chunk is one Ray Data row from start to end, so a chunk is never split or
 merged on its way: the read task reads the chunk's row range and prepares requests, the
@@ -14,7 +14,6 @@ import contextlib
 import logging
 import os
 import pickle
-import re
 import socket
 import time
 import uuid
@@ -28,10 +27,7 @@ import pyarrow as pa
 from batch import cpus, storage, store
 from batch import plan as planning
 from batch.engine import EngineRequest, EngineResult
-from batch.errors import BatchInferError, LeaseLost, TerminalError
-from batch.progress import Reporter
 from batch.spec import JobSpec
-from batch.summary import RunSummary
 
 log = logging.getLogger(__name__)
 
@@ -387,7 +383,7 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(devnull)
 
 
-def _configure_ray_data(verbose: bool) -> None:
+def configure_ray_data(verbose: bool) -> None:
     import ray.data
 
     if not verbose:
@@ -413,7 +409,7 @@ def chunks_in_flight(spec: JobSpec) -> int:
     return max(res.chunks_in_flight, -(-res.batch_size // res.rows_per_chunk) + 1)
 
 
-def _local_model(spec: JobSpec) -> bool:
+def local_model(spec: JobSpec) -> bool:
     """A bundled model or a local/mounted directory (not a hub id such as Qwen/Qwen3-8B)."""
     path = spec.model.path
     return spec.model.engine != "vllm" or path.startswith("builtin:") or os.path.isdir(path)
@@ -473,310 +469,3 @@ def build_dataset(
         num_cpus=0.25,
     )
     return ds
-
-
-def run_job(
-    spec: JobSpec,
-    reporter: Reporter,
-    *,
-    address: str | None = None,
-    verbose: bool = False,
-    wait: bool = False,
-    lease_ttl: float = 60.0,
-) -> RunSummary:
-    """Run (or resume) a job to completion. Raises BatchInferError with a one-line reason.
-
-    Resuming is what a second call does: chunks with a marker are skipped. A call on an output
-    made by a different spec is refused; while another run holds the output's lease, the call
-    waits (``wait``) or raises ``LeaseHeld``. A call on a complete output only repairs it
-    (a stale manifest, parts no marker names) and reports it.
-    """
-    from batch import ledger
-    from pipelines import load_pipeline
-
-    started = time.time()
-    pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
-    usd_per_hour = ledger.check(spec)  # and on a bad price override or comparator
-    plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
-    record = store.job_record(
-        spec,
-        fingerprint=plan.fingerprint,
-        listing=plan.listing,
-        files=len(plan.files),
-        rows=plan.total_rows,
-        chunks=len(plan.chunks),
-    )
-    record = store.ensure_job_record(spec, record)  # refuses an output made by another spec
-    reporter.planned(planning.describe(plan))
-    if not plan.pending and _manifest_current(spec):
-        reporter.message("output already complete; nothing to do")
-        return _summary(spec, plan, record, chunks_run=0, wall=0.0, gpu=0.0, complete=True)
-    with _LeaseAndRun(spec, "submit", ttl=lease_ttl, wait=wait) as held:
-        if wait:  # the run we waited for may have committed chunks meanwhile
-            plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
-        return _run_pending(
-            spec, plan, record, reporter, started, held, address=address, verbose=verbose,
-            usd_per_hour=usd_per_hour,
-        )  # fmt: skip
-
-
-def _manifest_current(spec: JobSpec) -> bool:
-    """The manifest lists exactly what the markers commit (no repair needed)."""
-    manifest = store.read_output_json(spec, store.MANIFEST)
-    if manifest is None:
-        return False
-    t = store.totals(store.read_markers(spec))
-    return bool(
-        manifest.get("data_parts") == t.data_parts
-        and manifest.get("failed_parts") == t.failed_parts
-    )
-
-
-class _LeaseAndRun:
-    """Hold the output's lease with a run record that beats with it; a lost lease interrupts
-    the driver's main thread, which then stops the run with ``LeaseLost``."""
-
-    def __init__(self, spec: JobSpec, kind: str, *, ttl: float, wait: bool) -> None:
-        self.spec, self.kind, self.ttl, self.wait = spec, kind, ttl, wait
-        self.run: store.Run | None = None
-        self.lease: store.Lease | None = None
-        self._stack = contextlib.ExitStack()
-
-    def __enter__(self) -> _LeaseAndRun:
-        self.lease = self._stack.enter_context(
-            store.hold_lease(
-                self.spec, ttl=self.ttl, wait=self.wait, on_beat=self._beat, on_lost=_interrupt
-            )
-        )
-        self.run = store.start_run(self.spec, self.kind)
-        return self
-
-    def _beat(self) -> None:
-        if self.run is not None:
-            self.run.beat()
-
-    @property
-    def lost(self) -> bool:
-        return bool(self.lease and self.lease.lost)
-
-    def __exit__(self, exc_type: object, *exc: object) -> None:
-        self._stack.close()
-        if exc_type is KeyboardInterrupt and self.lost:  # the interrupt came from the lease
-            raise _lease_lost(self.spec) from None
-
-
-def _lease_lost(spec: JobSpec) -> LeaseLost:
-    return LeaseLost(
-        f"another run took over the lease on {spec.output.path} (this run could not renew it "
-        "in time); this run stopped, its committed chunks are kept. Check `batchinfer status` "
-        "before running again."
-    )
-
-
-def _interrupt() -> None:
-    import _thread
-
-    _thread.interrupt_main()
-
-
-def _run_pending(
-    spec: JobSpec,
-    plan: planning.Plan,
-    record: dict[str, Any],
-    reporter: Reporter,
-    started: float,
-    held: _LeaseAndRun,
-    *,
-    address: str | None,
-    verbose: bool,
-    usd_per_hour: float = 0.0,
-) -> RunSummary:
-    assert held.run is not None
-    run = held.run
-    model_path = spec.model.path
-    if spec.model.engine == "vllm" and not address and plan.pending:
-        from batch.models import resolve_model
-
-        # Prepare a bundled model once, before any engine starts, so its one-off conversion
-        # is not billed as engine time; engine actors then find it cached.
-        model_path = resolve_model(spec.model.path)
-    engines: dict[str, dict[str, Any]] = {}
-    released: float | None = None
-    state = "failed"
-    try:
-        if plan.pending:
-            try:
-                with ray_session(
-                    address, verbose=verbose, hub_offline=_local_model(spec)
-                ) as session:
-                    _configure_ray_data(verbose)
-                    ds = build_dataset(spec, plan, model_path, session, run.run_id)
-                    reporter.engines_starting(spec.resources.replicas, usd_per_hour)
-                    try:
-                        for row in ds.iter_rows():
-                            stats = pickle.loads(row["stats"])
-                            engines[stats["engine"].get("actor", "")] = stats["engine"]
-                            reporter.chunk_done(stats)
-                    except KeyboardInterrupt:
-                        if held.lost:
-                            raise _lease_lost(spec) from None
-                        state = "interrupted"
-                        raise
-                    except Exception as exc:
-                        raise _one_line(exc) from exc
-                    finally:
-                        released = time.time()
-            finally:
-                if not address:  # on a cluster the engines' machines are Ray's to clean
-                    reap(engines)
-        state = "finished"
-    finally:
-        run.finish(state=state, released_at=released)
-    return finalize(
-        spec, record, plan, reporter, started, chunks_run=len(plan.pending), run_id=run.run_id
-    )
-
-
-def finalize(
-    spec: JobSpec,
-    record: dict[str, Any],
-    plan: planning.Plan,
-    reporter: Reporter,
-    started: float,
-    *,
-    chunks_run: int,
-    run_id: str = "",
-) -> RunSummary:
-    """What every finishing operation does last: remove parts no marker names, rewrite the
-    ledger from every run, and, when every input chunk is committed, the manifest."""
-    from batch.ledger import build_ledger
-
-    markers = store.read_markers(spec)
-    t = store.totals(markers)
-    store.collect_garbage(spec, markers)
-    led = build_ledger(spec, markers, store.read_runs(spec))
-    store.write_json(spec, store.LEDGER, led, create_only=False)
-    complete = store.is_complete(record, t)
-    if complete:
-        store.publish_manifest(spec, store.manifest_doc(spec, record, t, started=started))
-    this_run = [r for r in led["runs"] if r["run_id"] == run_id]
-    summary = _summary(
-        spec, plan, record, chunks_run=chunks_run, wall=time.time() - started,
-        gpu=float(this_run[0]["gpu_seconds"]) if this_run else 0.0, complete=False,
-    )  # fmt: skip
-    if not complete:
-        reporter.message(
-            f"{int(record.get('chunks', 0)) - t.chunks} input chunks are not committed yet: "
-            "run `batchinfer submit` with this job to finish them (no manifest until then)"
-        )
-    reporter.finished(summary)
-    return summary
-
-
-_RETRY_ID = re.compile(r"^(?P<base>.+?)\.retry(?P<n>\d+)$")
-
-
-def retry_chunk_id(chunk_id: str) -> str:
-    """The retry of a chunk's failed rows: ``<id>.retry1``; a retry of a retry counts up."""
-    m = _RETRY_ID.match(chunk_id)
-    return f"{m['base']}.retry{int(m['n']) + 1}" if m else f"{chunk_id}.retry1"
-
-
-def retry_failed(
-    spec: JobSpec,
-    reporter: Reporter,
-    *,
-    address: str | None = None,
-    verbose: bool = False,
-    wait: bool = False,
-    lease_ttl: float = 60.0,
-) -> RunSummary:
-    """Reprocess only the rows in ``_failed/`` (e.g. after raising max_model_len).
-
-    Each failed part becomes a retry chunk whose parts and marker are committed like any
-    chunk; its marker names the failed part it takes over (see :mod:`batch.store`). A row
-    therefore ends up in ``data/`` or still in ``_failed/`` (with its attempt count one
-    higher), never both. The spec must be the job's own (speed settings aside): a changed
-    model, prompt or pipeline would mix two jobs in one output.
-    """
-    started = time.time()
-    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    record = store.read_job_record(fs, root)
-    if record is None:
-        raise TerminalError(
-            f"{spec.output.path} holds no batchinfer job (no {store.JOB_RECORD}): run "
-            "`batchinfer submit` first"
-        )
-    store.check_retry_spec(spec, record)
-    with _LeaseAndRun(spec, "retry-failed", ttl=lease_ttl, wait=wait) as held:
-        markers = store.read_markers(spec)
-        owner = {m["failed_part"]: m["chunk_id"] for m in markers if m.get("failed_part")}
-        chunks = []
-        files = []
-        for part in store.totals(markers).failed_parts:
-            rows, _ = planning.read_footer(fs, storage.join(root, part))
-            cid = retry_chunk_id(str(owner[part]))
-            chunks.append(store.Chunk(cid, part, part, 0, rows, retry_of=part))
-            files.append(planning.InputFile(part, part, rows))
-        plan = planning.Plan(files=files, chunks=chunks, done=set(), schema=pa.schema([]),
-                             protocol="file")  # fmt: skip
-        plan.pending = list(chunks)
-        plan.fingerprint = str(record["fingerprint"])
-        reporter.planned(planning.describe(plan))
-        return _run_pending(
-            spec, plan, record, reporter, started, held, address=address, verbose=verbose
-        )
-
-
-def _summary(
-    spec: JobSpec,
-    plan: planning.Plan,
-    record: dict[str, Any],
-    *,
-    chunks_run: int,
-    wall: float,
-    gpu: float,
-    complete: bool,
-) -> RunSummary:
-    manifest = store.read_output_json(spec, store.MANIFEST) or {}
-    led = store.read_output_json(spec, store.LEDGER) or {}
-    return RunSummary(
-        job=spec.name,
-        output=spec.output.path,
-        chunks=int(record.get("chunks", len(plan.chunks))),
-        chunks_run=chunks_run,
-        rows=int(led.get("rows", manifest.get("rows", 0))),
-        failed_rows=int(led.get("failed_rows", manifest.get("failed_rows", 0))),
-        input_tokens=int(led.get("input_tokens", 0)),
-        output_tokens=int(led.get("output_tokens", 0)),
-        wall_seconds=wall,
-        gpu_seconds=gpu,
-        already_complete=complete,
-    )
-
-
-_EXC_LINE = re.compile(r"^([A-Za-z_][\w.]*(?:Error|Exception|Crash|Failure)): (.+)$")
-
-
-def _one_line(exc: BaseException) -> BatchInferError:
-    """The root cause of an error raised through Ray, as one line the user can act on.
-
-    Ray Data re-raises a worker's exception as ``RayTaskError(UserCodeException)`` whose
-    chain no longer holds the original object, only its formatted traceback; the first
-    non-Ray exception line in it is the root cause.
-    """
-    seen: BaseException = exc
-    for _ in range(20):
-        if isinstance(seen, BatchInferError):
-            return seen
-        nxt = getattr(seen, "cause", None) or seen.__cause__
-        if not isinstance(nxt, BaseException) or nxt is seen:
-            break
-        seen = nxt
-    for line in str(exc).splitlines():
-        m = _EXC_LINE.match(line.strip())
-        if m and not m.group(1).startswith("ray."):
-            name = m.group(1).rsplit(".", 1)[-1]
-            return TerminalError(f"{name}: {m.group(2).strip()[:400]}")
-    text = [ln.strip() for ln in str(seen).splitlines() if ln.strip()]
-    return TerminalError(f"{type(seen).__name__}: {(text[0] if text else '')[:400]}")

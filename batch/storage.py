@@ -329,23 +329,30 @@ def create_only(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> bool:
 def _create_only_local(path: str, data: bytes) -> bool:
     """Temp file + fsync + hard link: the link is atomic and fails if ``path`` exists."""
     path = os.path.abspath(path)
+    with _temp_beside(path, data) as tmp:
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            log.debug("create_only: %s already exists", path)
+            return False
+    _fsync_dir(os.path.dirname(path))
+    log.debug("create_only: created %s (%d bytes)", path, len(data))
+    return True
+
+
+@contextlib.contextmanager
+def _temp_beside(path: str, data: bytes) -> Iterator[str]:
+    """``data`` in a hidden, fsynced temp file in ``path``'s folder (same filesystem, so it
+    can be linked or renamed into place); removed afterwards."""
     parent = os.path.dirname(path)
     os.makedirs(parent, exist_ok=True)
-    # Hidden temp name in the same directory (same filesystem, so link works).
     fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as fh:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
-        try:
-            os.link(tmp, path)
-        except FileExistsError:
-            log.debug("create_only: %s already exists", path)
-            return False
-        _fsync_dir(parent)
-        log.debug("create_only: created %s (%d bytes)", path, len(data))
-        return True
+        yield tmp
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
@@ -421,18 +428,8 @@ def _replace_local(path: str, data: bytes) -> None:
     """Temp file + fsync + rename: a reader sees the old bytes or the new, never half of them
     (a lease or a run record read while its holder renews it)."""
     path = os.path.abspath(path)
-    parent = os.path.dirname(path)
-    os.makedirs(parent, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=parent, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+    with _temp_beside(path, data) as tmp:
         os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
 
 
 # --------------------------------------------------------------------------- reads

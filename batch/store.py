@@ -750,6 +750,12 @@ def write_json(spec: JobSpec, name: str, doc: dict[str, Any], *, create_only: bo
     return True
 
 
+def write_file(spec: JobSpec, name: str, body: bytes) -> None:
+    """A file of the output that is not part of the protocol (``ledger.md``, ``ledger.png``)."""
+    fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
+    storage.overwrite(fs, storage.join(root, name), body)
+
+
 def read_output_json(spec: JobSpec, name: str) -> dict[str, Any] | None:
     """The output's ``name`` (manifest, ledger), or None if the job has not written it yet."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)

@@ -59,7 +59,6 @@ from rich.console import Console
 from rich.table import Table
 
 from batch.plan import (
-    MARKERS,
     InputFile,
     chunk_id,
     committed_chunk_ids,
@@ -70,6 +69,7 @@ from batch.plan import (
     read_footer,
 )
 from batch.spec import JobSpec, parse_spec
+from batch.store import MARKERS
 
 REPO = Path(__file__).resolve().parents[1]
 RESULTS = REPO / "benchmarks" / "results"

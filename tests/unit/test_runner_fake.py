@@ -18,8 +18,9 @@ import pyarrow.parquet as pq
 import pytest
 
 from batch.errors import SpecError
+from batch.job import retry_failed, run_job
 from batch.progress import NullReporter
-from batch.runner import ray_session, retry_failed, run_job
+from batch.runner import ray_session
 from batch.spec import JobSpec, parse_spec
 
 

@@ -13,7 +13,7 @@ import pytest
 
 from batch import store
 from batch.errors import InputChanged, SpecError
-from batch.runner import retry_chunk_id
+from batch.job import retry_chunk_id
 from batch.spec import JobSpec, parse_spec
 
 
