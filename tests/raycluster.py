@@ -148,8 +148,16 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
     token_path.chmod(0o600)
     names = ("gcs", "dashboard", "client", "agent_listen", "agent_grpc", "runtime_env_agent",
              "metrics_export", "node_manager", "object_manager")  # fmt: skip
-    ports = dict(zip(names, _free_ports(len(names)), strict=True))
-    worker_lo = _free_ports(1)[0]
+    # The worker port range (201 ports) must not hold any of the other ports, or `ray start`
+    # refuses ("... is trying to use a port number ... used by other components"): a 6%
+    # chance per draw with 9 ports in the ephemeral range, so draw again until they are apart.
+    for _ in range(100):
+        ports = dict(zip(names, _free_ports(len(names)), strict=True))
+        worker_lo = _free_ports(1)[0]
+        if worker_lo + 200 <= 65535 and not any(
+            worker_lo <= p <= worker_lo + 200 for p in ports.values()
+        ):
+            break
     marker = temp_dir.name
     client_env = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token_path)}
     env = {
@@ -176,7 +184,7 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
         f"--metrics-export-port={ports['metrics_export']}",
         f"--node-manager-port={ports['node_manager']}",
         f"--object-manager-port={ports['object_manager']}",
-        f"--min-worker-port={worker_lo}", f"--max-worker-port={min(65535, worker_lo + 200)}",
+        f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 200}",
         f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={512 * 1024**2}",
         f"--temp-dir={temp_dir}",
     ]  # fmt: skip

@@ -431,7 +431,7 @@ def test_remote_submits_under_the_run_id_then_defers_to_the_trigger(
     rid = f"enrich-reviews-20260101-{cluster.run_digest(spec)}"
     assert fake.submitted == [
         (ADDRESS, str(job), tuple(orchestration.overrides_list(op.overrides)),
-         {"run_id": rid, "wait": True}),
+         {"run_id": rid, "wait": True, "pass_env": [], "credentials_to_env": False}),
     ]  # fmt: skip
     trigger = deferred.value.trigger
     assert deferred.value.method_name == "execute_complete"
