@@ -53,6 +53,9 @@ def run_job(
     pipeline = load_pipeline(spec)  # fails fast on a bad pipeline before anything starts
     usd_per_hour = ledger.check(spec)  # and on a bad price override or comparator
     plan = planning.make_plan(spec, required_columns=pipeline.required_columns())
+    check_input = getattr(pipeline, "check_input_schema", None)  # user pipelines may lack it
+    if check_input is not None:
+        check_input(plan.schema)  # typed columns may not overwrite input columns
     record = store.job_record(
         spec,
         fingerprint=plan.fingerprint,

@@ -32,6 +32,28 @@ TOKENIZER_NOTE = (
 )
 
 
+TYPED_NOTE = (
+    "Typed answers (response:): input_tokens and output_tokens are the committed rows'; "
+    "re-sampled and discarded tokens (discarded_input_tokens, discarded_output_tokens) are "
+    "paid in accelerator time and run_cost_usd and listed apart; generated_output_tokens = "
+    "output_tokens + discarded_output_tokens is the engine's real work, which "
+    "output_tokens_per_second measures. API comparisons price the committed tokens (an API "
+    "would bill its own retries)."
+)
+
+
+def typed_usage(markers: Sequence[dict[str, Any]]) -> dict[str, int]:
+    """Re-sampling of a typed job over every committed chunk; old markers count 0."""
+    t = store.totals(markers)
+    return {
+        "resamples": t.resamples,
+        "discarded_input_tokens": t.discarded_input_tokens,
+        "discarded_output_tokens": t.discarded_output_tokens,
+        "schema_violations": t.schema_violations,
+        "generated_output_tokens": t.output_tokens + t.discarded_output_tokens,
+    }
+
+
 def usage(markers: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """Rows, failures and tokens over every committed chunk (all runs, retries included)."""
     t = store.totals(markers)
@@ -233,6 +255,8 @@ def build_ledger(
 ) -> dict[str, Any]:
     """The ledger document (``ledger.json``): usage from the markers, time from every run."""
     use = usage(markers)
+    typed = typed_usage(markers) if getattr(spec, "response", None) is not None else {}
+    generated = typed.get("generated_output_tokens", use["output_tokens"])
     per_run, paid_not_committed = runs_summary(runs, markers)
     wall_seconds = sum(r["wall_seconds"] for r in per_run)
     engines = max((r["engine_replicas"] for r in per_run), default=0)
@@ -258,6 +282,7 @@ def build_ledger(
         "model": spec.model.path,
         "task": spec.model.task,
         **use,
+        **typed,
         "wall_seconds": round(wall_seconds, 3),
         "gpu_seconds": round(accel_seconds, 3),
         "engine_replicas": engines,
@@ -265,7 +290,7 @@ def build_ledger(
         "gpu_hour_usd": rate,
         "run_cost_usd": round(run_cost, 10),
         "usd_per_million_tokens": round(run_cost / tokens * 1e6, 8) if tokens else None,
-        "output_tokens_per_second": round(use["output_tokens"] / wall_seconds, 3)
+        "output_tokens_per_second": round(generated / wall_seconds, 3)
         if wall_seconds
         else 0.0,
         "rows_per_second_per_replica": round(rows_per_second, 4),
@@ -290,5 +315,6 @@ def build_ledger(
             "run_cost_usd; break_even_rows_per_day: rows a day from which a dedicated "
             "accelerator (rate x 24 h) is cheaper than the batch API, to be compared with "
             "the capacity at the measured throughput and utilisation_assumed.",
+            *([TYPED_NOTE] if typed else []),
         ],
     }

@@ -34,7 +34,19 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
         f"measured {rps:,.2f} rows/s per replica: at {util:.0%} utilisation one replica "
         f"handles {rps * 86400 * util:,.0f} rows/day (compare with the break-even column)",
     ]
-    return lines + _idle_line(ledger)
+    return lines + _idle_line(ledger) + _typed_line(ledger)
+
+
+def _typed_line(ledger: dict[str, Any]) -> list[str]:
+    if "resamples" not in ledger:  # not a typed job (no response:), or an older ledger
+        return []
+    discarded = int(ledger["discarded_output_tokens"])
+    generated = int(ledger.get("generated_output_tokens", 0))
+    share = f" ({discarded / generated:.1%} of generated)" if generated else ""
+    return [
+        f"typed answers: re-sampled {ledger['resamples']:,} times; {discarded:,} output "
+        f"tokens discarded{share}; {ledger['schema_violations']:,} rows SchemaViolation"
+    ]
 
 
 def _idle_line(ledger: dict[str, Any]) -> list[str]:

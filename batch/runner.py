@@ -65,7 +65,8 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
     if chunk.retry_of:
         if store.ATTEMPT in table.column_names:
             prior = [int(a or 0) for a in table[store.ATTEMPT].to_pylist()]
-        drop = [c for c in (store.ERROR_CLASS, store.ERROR_MESSAGE, store.ATTEMPT)
+        drop = [c for c in (store.ERROR_CLASS, store.ERROR_MESSAGE, store.ATTEMPT,
+                            store.OUTPUT_TEXT)
                 if c in table.column_names]  # fmt: skip
         table = table.drop_columns(drop)
     t1 = time.perf_counter()
@@ -273,7 +274,9 @@ def commit_work(
     work: ChunkWork = pickle.loads(row["work"])
     t0 = time.perf_counter()
     data, failed = build_tables(spec, work, load_pipeline(spec))
-    extra = {"engine": work.engine, "timings": work.timings}
+    extra: dict[str, Any] = {"engine": work.engine, "timings": work.timings}
+    if getattr(spec, "response", None) is not None:
+        extra.update(typed_usage(work.results))
     marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
         run_id=run_id,
@@ -282,13 +285,23 @@ def commit_work(
     return {"stats": pickle.dumps(marker)}
 
 
+def typed_usage(results: Any) -> dict[str, int]:
+    """The marker's account of a typed job's re-sampling, over every row (failed ones too)."""
+    keys = ("resamples", "discarded_input_tokens", "discarded_output_tokens")
+    usage = {k: sum(int(getattr(r, k, 0)) for r in results) for k in keys}
+    usage["schema_violations"] = sum(1 for r in results if r.error_kind == "SchemaViolation")
+    return usage
+
+
 def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Table, pa.Table]:
     """One output row per input row: in ``data`` (with the pipeline's columns) or ``_failed``."""
     failures = dict(work.failures)
     ok = sorted((r for r in work.results if not r.error_kind), key=lambda r: r.key)
+    texts: dict[int, str | None] = {}
     for r in work.results:
         if r.error_kind:
             failures[r.key] = (r.error_kind, r.error or "")
+            texts[r.key] = r.text if r.error_kind == "SchemaViolation" else None
     table = work.table
     ok_keys = [r.key for r in ok]
     base = table.take(pa.array(ok_keys, pa.int64()))
@@ -311,6 +324,11 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
         store.ATTEMPT,
         pa.array([prior[k] + max(1, work.attempts) for k in fail_keys], pa.int16()),
     )
+    if getattr(spec, "response", None) is not None:
+        # Always there in a typed job (null but for SchemaViolation): one failed-part schema.
+        failed = failed.append_column(
+            store.OUTPUT_TEXT, pa.array([texts.get(k) for k in fail_keys], pa.string())
+        )
     return base, failed
 
 

@@ -86,6 +86,8 @@ LEDGER = "ledger.json"
 ERROR_CLASS = "_error_class"
 ERROR_MESSAGE = "_error_message"
 ATTEMPT = "_attempt"
+# The model's last answer of a failed row (SchemaViolation), only in jobs with `response:`.
+OUTPUT_TEXT = "_output_text"
 
 # How often an engine actor renews its record, and how far ahead it is billed: a killed
 # engine has recorded at least the time it held (at most one period more).
@@ -192,7 +194,13 @@ def describe_change(output: str, old: Mapping[str, Any], new: Mapping[str, Any])
 # What retry-failed may change: the limits that made rows fail (context length, output
 # length) and the fake engine's test options. Anything else (model, prompt, pipeline,
 # sampling, input) would mix two jobs in one output.
-RETRY_MAY_CHANGE = ("model.engine_args.max_model_len", "sampling.max_tokens", "model.fake_options")
+RETRY_MAY_CHANGE = (
+    "model.engine_args.max_model_len",
+    "sampling.max_tokens",
+    "model.fake_options",
+    "response.max_resamples",
+    "response.resample_temperature",
+)
 
 
 def check_retry_spec(spec: JobSpec, record: Mapping[str, Any]) -> None:
@@ -776,6 +784,12 @@ class Totals:
     failed_rows: int = 0  # in failed parts no retry has taken over
     input_tokens: int = 0
     output_tokens: int = 0
+    # Typed answers (response:): extra draws, the tokens they threw away, rows that never fit.
+    # Over every marker, retries included: that work was done. Old markers count 0.
+    resamples: int = 0
+    discarded_input_tokens: int = 0
+    discarded_output_tokens: int = 0
+    schema_violations: int = 0
     data_parts: list[str] = field(default_factory=list)
     failed_parts: list[str] = field(default_factory=list)  # live ones
     superseded_parts: list[str] = field(default_factory=list)
@@ -793,6 +807,10 @@ def totals(markers: Iterable[Mapping[str, Any]]) -> Totals:
         t.rows += int(m["rows"])
         t.input_tokens += int(m["input_tokens"])
         t.output_tokens += int(m["output_tokens"])
+        t.resamples += int(m.get("resamples", 0))
+        t.discarded_input_tokens += int(m.get("discarded_input_tokens", 0))
+        t.discarded_output_tokens += int(m.get("discarded_output_tokens", 0))
+        t.schema_violations += int(m.get("schema_violations", 0))
         if m.get("data_part"):
             t.data_parts.append(str(m["data_part"]))
         part = m.get("failed_part")

@@ -38,6 +38,9 @@ class Pipeline:
         """Input columns the pipeline reads; checked against the input schema before any work."""
         return self.template.variables
 
+    def check_input_schema(self, schema: pa.Schema) -> None:
+        """Refuse (SpecError) an input whose columns the output would overwrite; a no-op here."""
+
     def prepare(self, row: Mapping[str, Any]) -> ModelInput:
         raise NotImplementedError
 
