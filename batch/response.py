@@ -124,12 +124,12 @@ def _compact(value: Any, path: Path) -> dict[str, Any]:
         if len(value) == 1:
             inner = value[0]
             if isinstance(inner, str) and inner not in TYPE_WORDS:
-                if difflib.get_close_matches(inner, list(TYPE_WORDS), n=1, cutoff=0.5):
-                    _compact(inner, (*path, 0))
+                close = difflib.get_close_matches(inner, list(TYPE_WORDS), n=1, cutoff=0.5)
+                typo = f"for a list write [{close[0]}]; " if close else "for a list write [str]; "
                 raise SchemaProblem(
                     path,
-                    f"a one-label enum [{inner}] has a single answer; write the value in the "
-                    "prompt, or use json_schema with const; for a list of text write [str]",
+                    f"a one-label enum [{inner}] has a single answer; {typo}otherwise write the "
+                    "value in the prompt, or list 2+ labels",
                 )
             return {"type": "array", "items": _compact(inner, (*path, 0))}
         if len(value) < 2:

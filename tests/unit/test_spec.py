@@ -160,3 +160,108 @@ def test_example_jobs_are_valid() -> None:
     for job in ("jobs/enrich.yaml", "jobs/embed.yaml"):
         spec = load_spec(job)
         assert spec.model.path.startswith("builtin:")
+
+
+# --------------------------------------------------------------------------- response:
+
+TYPED = GOOD + textwrap.dedent(
+    """\
+    response:
+      fields:
+        sentiment: [positive, negative, mixed]
+        summary: {type: string, maxLength: 160}
+        stars: int
+    """
+)
+
+
+def test_fingerprint_of_a_spec_without_response_is_unchanged() -> None:
+    """Pinned before typed answers existed: outputs written then must still resume."""
+    assert parse_spec(GOOD).fingerprint() == "fc13869ab2f8d2fe"
+    assert "response" not in parse_spec(GOOD).fingerprint_fields()
+
+
+def test_response_is_part_of_the_fingerprint() -> None:
+    typed = parse_spec(TYPED)
+    assert typed.fingerprint() != parse_spec(GOOD).fingerprint()
+    other = parse_spec(TYPED, overrides=["response.fields.stars=float"])
+    assert other.fingerprint() != typed.fingerprint()
+
+
+def test_typed_spec_loads() -> None:
+    spec = parse_spec(TYPED)
+    assert spec.response is not None
+    assert spec.response.fields is not None and spec.response.fields["stars"] == "int"
+    assert spec.response.max_resamples == 2
+
+
+def test_broken_schema_names_the_line_of_the_inner_key_and_what_to_write() -> None:
+    msg = error_of(TYPED.replace("stars: int", "stars: integr"))
+    assert "job.yaml:22 response.fields.stars: unknown type 'integr'; did you mean 'int'?" in msg
+
+
+def test_broken_schema_from_set_names_the_path() -> None:
+    msg = error_of(TYPED, overrides=("response.fields.stars=integr",))
+    assert "response.fields.stars: unknown type 'integr'" in msg
+    assert "(from --set)" in msg
+
+
+def test_bad_json_schema_keyword_names_its_line() -> None:
+    text = GOOD + textwrap.dedent(
+        """\
+        response:
+          json_schema:
+            type: object
+            properties:
+              a:
+                anyOf: [{type: string}]
+        """
+    )
+    msg = error_of(text)
+    assert "job.yaml:23 response.json_schema.properties.a.anyOf: 'anyOf' is not supported" in msg
+
+
+def test_one_label_enum_is_refused() -> None:
+    msg = error_of(TYPED.replace("[positive, negative, mixed]", "[positive]"))
+    assert "job.yaml:20 response.fields.sentiment: a one-label enum [positive]" in msg
+    msg = error_of(GOOD + "response:\n  choice: [positive]\n")
+    assert "response.choice: list at least 2 labels" in msg
+
+
+def test_two_kinds_are_refused() -> None:
+    msg = error_of(TYPED.replace("  fields:", "  choice: [a, b]\n  fields:"))
+    assert "response: set one of fields, json_schema, choice, regex (got fields and choice)" in msg
+    assert "set one of fields" in error_of(GOOD + "response: {confidence: false}\n")
+
+
+def test_response_with_embed_is_refused() -> None:
+    msg = error_of(TYPED.replace("task: generate", "task: embed"))
+    assert "typed answers need model.task: generate" in msg
+
+
+def test_reserved_and_clashing_column_names_are_refused() -> None:
+    msg = error_of(TYPED.replace("stars: int", "finish_reason: str"))
+    assert "response.fields.finish_reason: 'finish_reason' is a reserved column name" in msg
+    msg = error_of(TYPED.replace("stars: int", "sentiment_confidence: float"))
+    assert "clashes with the confidence column" in msg
+    assert parse_spec(
+        TYPED.replace("stars: int", "sentiment_confidence: float"),
+        overrides=("response.confidence=false",),
+    ).response
+
+
+def test_logits_mode_cannot_give_a_confidence() -> None:
+    msg = error_of(TYPED, overrides=("model.engine_args.logprobs_mode=raw_logits",))
+    assert "response.confidence needs probabilities" in msg
+
+
+def test_bad_regex_and_unknown_response_key() -> None:
+    assert "not a regular expression" in error_of(GOOD + "response:\n  regex: '(a'\n")
+    msg = error_of(TYPED.replace("  fields:", "  max_resample: 3\n  fields:"))
+    assert "response.max_resample: unknown key; did you mean 'max_resamples'?" in msg
+
+
+def test_spec_reference_lists_response_fields() -> None:
+    paths = [p for p, _, _ in describe_fields()]
+    assert "response" in paths
+    assert {"response.fields", "response.choice", "response.max_resamples"} <= set(paths)
