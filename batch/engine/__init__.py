@@ -8,6 +8,11 @@ for one request is that row's failure (a result with ``error_kind``), unless the
 itself is broken (a fatal error, or ``healthy()`` is False), which fails the whole chunk. A
 chunk that fails for any reason, cancellation included, first aborts its requests still in
 the engine, so its retry does not run beside them. ``run_watched`` implements both.
+
+Typed answers (``response:`` in the spec) are checked here, in the engine actor, because a
+bad answer is drawn again from the same engine: ``draw_checked`` is the one check-and-resample
+loop every engine uses. Re-samples happen inside one chunk attempt, before ``Engine.run``
+returns, so the commit protocol does not know about them.
 """
 
 from __future__ import annotations
@@ -18,11 +23,12 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Protocol, TypeVar
+from typing import TYPE_CHECKING, Any, Literal, Protocol, TypeVar
 
 from batch.errors import TransientError
 
 if TYPE_CHECKING:
+    from batch.response import Response
     from batch.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -44,8 +50,30 @@ class EngineRequest:
 
 
 @dataclass(slots=True)
+class Sample:
+    """One generated answer of a row (a request with n > 1 has n)."""
+
+    text: str
+    finish_reason: str | None
+    output_tokens: int
+    cumulative_logprob: float | None = None
+    tokens: list[tuple[int, str, float]] | None = None  # (id, decoded, logprob) per token
+    offset: int = 0  # where ``text`` starts in the tokens' text
+    values: dict[str, Any] | None = None  # typed values, after the check
+    confidence: dict[str, float | None] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
 class EngineResult:
-    """What the engine made of one request. ``error_kind`` set means the row failed."""
+    """What the engine made of one request. ``error_kind`` set means the row failed.
+
+    ``text`` and ``finish_reason`` are the (first) answer's. With a typed response,
+    ``values`` holds the checked answer's columns and ``confidence`` its
+    ``<field>_confidence`` values; ``resamples`` counts the extra draws the row needed,
+    and the ``discarded_*`` tokens are what those draws and the answers thrown away cost.
+    A row whose every draw failed the check is a ``SchemaViolation`` with its last answer
+    in ``text``.
+    """
 
     key: int
     text: str | None = None
@@ -56,6 +84,12 @@ class EngineResult:
     error_kind: str | None = None
     error: str | None = None
     timings: dict[str, float] = field(default_factory=dict)  # finished_at: unix time
+    samples: list[Sample] = field(default_factory=list)
+    values: dict[str, Any] | None = None
+    confidence: dict[str, float | None] = field(default_factory=dict)
+    resamples: int = 0  # extra generate calls for this row
+    discarded_input_tokens: int = 0  # prompt tokens of the re-sample calls
+    discarded_output_tokens: int = 0  # tokens of every answer thrown away
 
 
 class EngineHung(TransientError):
@@ -219,6 +253,134 @@ async def _stop(
     for t in tasks:  # retrieve every exception, so asyncio does not log them as lost
         if t.done() and not t.cancelled():
             t.exception()
+
+
+@dataclass(frozen=True, slots=True)
+class Draw:
+    """One generate call for a row: the first (round 0) or the k-th re-sample."""
+
+    n: int
+    round: int = 0
+    temperature: float | None = None  # None: the spec's
+    seed: int | None = None  # None: the spec's
+
+
+@dataclass(frozen=True, slots=True)
+class ResamplePolicy:
+    """How often and how a row whose answer fails the check is drawn again."""
+
+    n: int
+    max_resamples: int
+    temperature: float
+    resample_temperature: float
+    seed: int | None
+    keep_tokens: bool = False  # keep Sample.tokens in the result
+
+    @classmethod
+    def from_spec(cls, spec: JobSpec) -> ResamplePolicy:
+        r = spec.response
+        return cls(
+            n=1,
+            max_resamples=r.max_resamples if r is not None else 0,
+            temperature=spec.sampling.temperature,
+            resample_temperature=r.resample_temperature if r is not None else 0.8,
+            seed=spec.sampling.seed,
+        )
+
+    def redraw(self, n: int, round: int) -> Draw:
+        """The k-th re-sample. Greedy would repeat the answer, so it samples at
+        ``resample_temperature`` then; a seeded job stays reproducible (seed + round)."""
+        temperature = self.temperature if self.temperature > 0 else self.resample_temperature
+        seed = None if self.seed is None else self.seed + round
+        return Draw(n=n, round=round, temperature=temperature, seed=seed)
+
+
+DrawFn = Callable[[Draw], Awaitable[tuple[int, list[Sample]]]]  # -> (input tokens, samples)
+
+
+async def draw_checked(
+    key: int, draw: DrawFn, response: Response | None, policy: ResamplePolicy
+) -> EngineResult:
+    """Draw a row's answers, check them, and draw again the ones that fail.
+
+    Without a response this is one draw, as before typed answers. With one, every answer
+    must pass ``response.check``; a failing one is drawn again up to ``max_resamples``
+    times, and if some still fails the row is a ``SchemaViolation`` carrying the last bad
+    answer and its reason. All tokens of the answers thrown away are counted, so the ledger
+    can show what validation cost.
+    """
+    input_tokens, samples = await draw(Draw(n=policy.n))
+    if response is None:
+        return _result(key, input_tokens, samples, policy)
+    kept: list[Sample | None] = [None] * policy.n
+    pending = list(range(policy.n))
+    last_bad: tuple[str, str] = ("no answer", "")
+    discarded_in = discarded_out = rounds = 0
+    while True:
+        for slot, s in zip(pending, samples, strict=True):
+            c = response.check(
+                s.text,
+                s.finish_reason,
+                tokens=_pairs(s.tokens),
+                cumulative_logprob=s.cumulative_logprob,
+                offset=s.offset,
+            )
+            if c.reason is None:
+                s.values, s.confidence = c.values, dict(c.confidence)
+                kept[slot] = s
+            else:
+                discarded_out += s.output_tokens
+                last_bad = (c.reason, s.text)
+        pending = [i for i, s in enumerate(kept) if s is None]
+        if not pending or rounds >= policy.max_resamples:
+            break
+        rounds += 1
+        more_in, samples = await draw(policy.redraw(len(pending), rounds))
+        discarded_in += more_in
+    if pending:  # every answer of a row must be valid, else the row fails
+        discarded_out += sum(s.output_tokens for s in kept if s is not None)
+        reason, text = last_bad
+        return EngineResult(
+            key=key,
+            text=text,
+            input_tokens=input_tokens,
+            error_kind="SchemaViolation",
+            error=f"{reason} (after {rounds} re-samples)"[:500],
+            resamples=rounds,
+            discarded_input_tokens=discarded_in,
+            discarded_output_tokens=discarded_out,
+        )
+    result = _result(key, input_tokens, [s for s in kept if s is not None], policy)
+    result.resamples = rounds
+    result.discarded_input_tokens = discarded_in
+    result.discarded_output_tokens = discarded_out
+    return result
+
+
+def _pairs(tokens: list[tuple[int, str, float]] | None) -> list[tuple[str, float]] | None:
+    return None if tokens is None else [(text, lp) for _, text, lp in tokens]
+
+
+def _result(
+    key: int, input_tokens: int, samples: list[Sample], policy: ResamplePolicy
+) -> EngineResult:
+    """A row's result from its kept answers: the first one's text, every one's tokens."""
+    if not samples:
+        raise RuntimeError("the engine returned no answer")
+    if not policy.keep_tokens:
+        for s in samples:
+            s.tokens = None  # token traces are large; the check has used them
+    first = samples[0]
+    return EngineResult(
+        key=key,
+        text=first.text,
+        finish_reason=first.finish_reason,
+        input_tokens=input_tokens,
+        output_tokens=sum(s.output_tokens for s in samples),
+        samples=samples,
+        values=first.values,
+        confidence=dict(first.confidence),
+    )
 
 
 def build_engine(spec: JobSpec, model_path: str) -> Engine:

@@ -22,6 +22,18 @@ error, an engine fault fails the chunk, and an engine that finishes nothing for
   this text, the engine actor's process exits (as a crashed engine takes its actor down);
   the flag file in ``die_flag_dir`` makes it happen once per text and job.
 
+Typed answers (``response:`` in the spec) go through the same check-and-resample loop as on
+vLLM (``draw_checked``). The answer is ``Response.example`` over the prompt's words, picked
+by a hash of the prompt (deterministic, valid); its pseudo-tokens are 4-character slices with
+a logprob from a hash, so confidences vary by row. An answer longer than
+``sampling.max_tokens`` slices is cut there with finish_reason "length", as on vLLM. Options:
+- ``violation_rate`` (float 0..1, default 0): each draw is cut off (finish_reason "length")
+  with this probability, drawn afresh every time.
+- ``violate_on_text`` (str) with ``violate_draws`` (int, default every draw): a row whose
+  prompt contains the text is cut off on its first ``violate_draws`` draws (counted per row
+  key and prompt, per engine), so a test can get "valid after 1 re-sample".
+- ``regex_answer`` (str): the answer of a ``response.regex`` job (a regex cannot be inverted).
+
 ``sampling.temperature`` > 0 makes generated text random: its last word is replaced by a
 random one on every attempt (token counts unchanged), so a test can tell attempts apart.
 The engine records the keys of requests it aborted (a failed or cancelled chunk's) in
@@ -39,7 +51,18 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from batch.engine import EngineRequest, EngineResult, Watchdog, row_error, run_watched
+from batch.engine import (
+    Draw,
+    EngineRequest,
+    EngineResult,
+    ResamplePolicy,
+    Sample,
+    Watchdog,
+    draw_checked,
+    row_error,
+    run_watched,
+)
+from batch.response import Response
 
 if TYPE_CHECKING:
     from batch.spec import JobSpec
@@ -74,6 +97,14 @@ class FakeEngine:
         self.raise_marker = opts.get("raise_row_exception_on_text")
         self.hang_marker = opts.get("hang_on_text")
         self.temperature = spec.sampling.temperature
+        self.response = Response.from_spec(spec.response) if spec.response else None
+        self.policy = ResamplePolicy.from_spec(spec)
+        self.violation_rate = float(opts.get("violation_rate", 0.0))
+        self.violate_marker = opts.get("violate_on_text")
+        draws = opts.get("violate_draws")
+        self.violate_draws = None if draws is None else int(draws)
+        self.regex_answer = opts.get("regex_answer")
+        self._violated: dict[tuple[int, str], int] = {}  # draws cut so far, per row
         self.aborted: list[int] = []
         self._stuck = False
         self._watchdog = Watchdog(spec.resources.chunk_timeout_s)
@@ -99,11 +130,15 @@ class FakeEngine:
                 if self.hang_marker and self.hang_marker in prompt:
                     self._stuck = True
                 try:
-                    results.append(self._one(req, prompt))
+                    if self.response is not None and self.task == "generate":
+                        results.append(await self._typed(req, prompt, self.response))
+                    else:
+                        results.append(self._one(req, prompt))
                 except Exception as exc:  # as in the vLLM engine: one row's exception
                     results.append(row_error(req.key, exc))
             if self.delay:
-                await asyncio.sleep(self.delay * sum(r.output_tokens for r in results))
+                tokens = sum(r.output_tokens + r.discarded_output_tokens for r in results)
+                await asyncio.sleep(self.delay * tokens)
             if self._stuck:
                 await asyncio.Event().wait()  # until cancelled
         done = time.time()
@@ -112,7 +147,81 @@ class FakeEngine:
         return results
 
     def _one(self, req: EngineRequest, prompt: str) -> EngineResult:
-        n_in = len(prompt.split()) + (4 if req.messages else 0)  # + a "chat template"
+        n_in = _input_tokens(req, prompt)
+        refused = self._refuse(req, prompt, n_in)
+        if refused is not None:
+            return refused
+        if self.task == "embed":
+            return EngineResult(
+                key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
+            )
+        words = prompt.split()
+        n_out = (
+            self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
+        )
+        out = (words * (n_out // max(1, len(words)) + 1))[:n_out]
+        if self.temperature > 0 and out:
+            out[-1] = f"~{_rng.getrandbits(40):010x}"  # sampling: differs on every attempt
+        text = " ".join(out)
+        reason = "length" if n_out == self.max_tokens else "stop"
+        return EngineResult(
+            key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
+        )
+
+    async def _typed(self, req: EngineRequest, prompt: str, response: Response) -> EngineResult:
+        """A typed answer, checked and re-sampled by the loop the vLLM engine uses."""
+        n_in = _input_tokens(req, prompt)
+        refused = self._refuse(req, prompt, n_in)
+        if refused is not None:
+            return refused
+
+        async def draw(d: Draw) -> tuple[int, list[Sample]]:
+            return n_in, [self._answer(req, prompt, response, d) for _ in range(d.n)]
+
+        return await draw_checked(req.key, draw, response, self.policy)
+
+    def _answer(self, req: EngineRequest, prompt: str, response: Response, d: Draw) -> Sample:
+        words = prompt.split()
+        pick = int(hashlib.sha256(prompt.encode()).hexdigest()[:8], 16)
+        temperature = self.temperature if d.temperature is None else d.temperature
+        if temperature > 0:  # sampling: a different valid answer on every draw
+            pick = _rng.getrandbits(31)
+            if words:
+                words[-1] = f"~{_rng.getrandbits(40):010x}"
+        if response.kind == "regex" and self.regex_answer is not None:
+            text = str(self.regex_answer)
+        else:
+            text = response.example(words, pick)
+        pieces = [text[i : i + 4] for i in range(0, len(text), 4)]
+        reason = "stop"
+        if self._violates(req, prompt):  # cut off mid-answer, as a too small max_tokens does
+            pieces = pieces[: len(pieces) // 2]
+            reason = "length"
+        if len(pieces) > self.max_tokens:
+            pieces = pieces[: self.max_tokens]
+            reason = "length"
+        salt = f"{prompt}:{pick}"  # a row's confidence is its own
+        tokens = [(i, p, _logprob(salt, p, i)) for i, p in enumerate(pieces)]
+        return Sample(
+            text="".join(pieces),
+            finish_reason=reason,
+            output_tokens=self.max_tokens if reason == "length" else max(1, len(pieces)),
+            cumulative_logprob=sum(lp for _, _, lp in tokens),
+            tokens=tokens,
+        )
+
+    def _violates(self, req: EngineRequest, prompt: str) -> bool:
+        if self.violation_rate and _rng.random() < self.violation_rate:
+            return True
+        if self.violate_marker and self.violate_marker in prompt:
+            done = self._violated.get((req.key, prompt), 0)
+            if self.violate_draws is None or done < self.violate_draws:
+                self._violated[(req.key, prompt)] = done + 1
+                return True
+        return False
+
+    def _refuse(self, req: EngineRequest, prompt: str, n_in: int) -> EngineResult | None:
+        """The row's failure before generating, if it has one (the fault options)."""
         if n_in > self.max_model_len:
             return EngineResult(
                 key=req.key,
@@ -130,22 +239,7 @@ class FakeEngine:
             return EngineResult(
                 key=req.key, error_kind="EngineError", error="fake engine failed the row at random"
             )
-        if self.task == "embed":
-            return EngineResult(
-                key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
-            )
-        words = prompt.split()
-        n_out = (
-            self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
-        )
-        out = (words * (n_out // max(1, len(words)) + 1))[:n_out]
-        if self.temperature > 0 and out:
-            out[-1] = f"~{_rng.getrandbits(40):010x}"  # sampling: differs on every attempt
-        text = " ".join(out)
-        reason = "length" if n_out == self.max_tokens else "stop"
-        return EngineResult(
-            key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
-        )
+        return None
 
     def _maybe_die(self) -> None:
         flag = os.path.join(str(self.die_flag_dir or "."), "fake-engine-died")
@@ -164,6 +258,16 @@ class FakeEngine:
 
     def close(self) -> None:
         return None
+
+
+def _input_tokens(req: EngineRequest, prompt: str) -> int:
+    return len(prompt.split()) + (4 if req.messages else 0)  # + a "chat template"
+
+
+def _logprob(salt: str, piece: str, index: int) -> float:
+    """A deterministic logprob in [-1.5, 0] for a pseudo-token."""
+    digest = hashlib.sha256(f"{salt}:{index}:{piece}".encode()).digest()
+    return -1.5 * digest[0] / 255
 
 
 def _prompt_text(req: EngineRequest) -> str:

@@ -10,6 +10,12 @@ Failures follow ``batch.engine``: any exception raised for one request is that r
 unless the engine is dead (``EngineDeadError``, or ``errored``), which fails the chunk; a
 failed or cancelled chunk aborts its requests in vLLM; an engine that finishes nothing for
 ``resources.chunk_timeout_s`` while holding requests raises ``EngineHung`` and stays unhealthy.
+
+Typed answers (``response:``): every request carries vLLM's structured-outputs constraint,
+the engine runs xgrammar without free whitespace (an engine-level setting; vLLM ignores it
+per request), ``draw_checked`` checks each answer and re-samples a bad one as request
+``<id>.s<k>``, which the chunk's abort reaches too. The constraint is verified once at
+engine start, so a schema vLLM cannot follow fails the job, not every row.
 """
 
 from __future__ import annotations
@@ -22,8 +28,19 @@ import time
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
-from batch.engine import EngineRequest, EngineResult, Watchdog, row_error, run_watched
+from batch.engine import (
+    Draw,
+    EngineRequest,
+    EngineResult,
+    ResamplePolicy,
+    Sample,
+    Watchdog,
+    draw_checked,
+    row_error,
+    run_watched,
+)
 from batch.errors import ConfigurationError
+from batch.response import Response
 
 if TYPE_CHECKING:
     from batch.spec import JobSpec
@@ -33,6 +50,10 @@ log = logging.getLogger(__name__)
 # On the CPU, gpu_memory_utilization is the share of host memory vLLM reserves; vLLM's
 # default of 0.92 does not fit next to Ray on a small machine.
 _CPU_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.4}
+
+# Structured outputs: vLLM reads disable_any_whitespace from the engine's config only (the
+# request-level flag is ignored by every backend), and it needs a named backend.
+_STRUCTURED_DEFAULTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whitespace": True}
 
 
 def engine_arguments(spec: JobSpec, model_path: str) -> dict[str, Any]:
@@ -46,15 +67,43 @@ def engine_arguments(spec: JobSpec, model_path: str) -> dict[str, Any]:
     if spec.model.task == "embed":
         args["runner"] = "pooling"
     args.update(spec.model.engine_args)
+    if spec.response is not None and "structured_outputs_config" not in args:
+        args["structured_outputs_config"] = dict(_STRUCTURED_DEFAULTS)
     return args
+
+
+def sampling_kwargs(spec: JobSpec) -> dict[str, Any]:
+    """The keyword arguments for vLLM's ``SamplingParams`` of a row's first draw.
+
+    Without ``response`` these are exactly the spec's sampling settings. A typed answer
+    whose confidence is wanted also asks for the sampled token's logprob (``logprobs=0``).
+    """
+    s = spec.sampling
+    kwargs: dict[str, Any] = dict(
+        max_tokens=s.max_tokens,
+        temperature=s.temperature,
+        top_p=s.top_p,
+        top_k=s.top_k,
+        min_tokens=s.min_tokens,
+        seed=s.seed,
+        stop=list(s.stop) or None,
+        ignore_eos=s.ignore_eos,
+        repetition_penalty=s.repetition_penalty,
+        **s.extra_args,
+    )
+    if spec.response is not None and Response.from_spec(spec.response).wants_logprobs():
+        kwargs.setdefault("logprobs", 0)
+    return kwargs
 
 
 class VLLMEngine:
     def __init__(self, spec: JobSpec, model_path: str) -> None:
         try:
             import vllm
+            from vllm.config import StructuredOutputsConfig
+            from vllm.exceptions import VLLMValidationError
             from vllm.inputs import TokensPrompt
-            from vllm.sampling_params import RequestOutputKind
+            from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
             from vllm.v1.engine.exceptions import EngineDeadError
         except ImportError as exc:  # pragma: no cover - depends on the install
             raise ConfigurationError(
@@ -68,8 +117,20 @@ class VLLMEngine:
         self._fatal: tuple[type[BaseException], ...] = (EngineDeadError,)
         self._watchdog = Watchdog(spec.resources.chunk_timeout_s)
         args = engine_arguments(spec, model_path)
+        self._response = Response.from_spec(spec.response) if spec.response else None
+        engine_kwargs = dict(args)
+        structured = engine_kwargs.get("structured_outputs_config")
+        if self._response is not None and isinstance(structured, dict):
+            # AsyncEngineArgs converts other config dicts, not this one.
+            try:
+                engine_kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
+            except (TypeError, ValueError) as exc:
+                raise ConfigurationError(
+                    "model.engine_args.structured_outputs_config: vLLM rejected it: "
+                    f"{exc}".splitlines()[0]
+                ) from exc
         try:
-            engine_args = vllm.AsyncEngineArgs(**args)
+            engine_args = vllm.AsyncEngineArgs(**engine_kwargs)
         except TypeError as exc:
             raise ConfigurationError(
                 f"model.engine_args: vLLM rejected the engine arguments: {exc}"
@@ -83,46 +144,83 @@ class VLLMEngine:
         self._tokenizer = self._engine.get_tokenizer()
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self._ids = itertools.count()
+        self._policy = ResamplePolicy.from_spec(spec)
         if self.task == "generate":
-            s = spec.sampling
-            self._params: Any = vllm.SamplingParams(
-                max_tokens=s.max_tokens,
-                temperature=s.temperature,
-                top_p=s.top_p,
-                top_k=s.top_k,
-                min_tokens=s.min_tokens,
-                seed=s.seed,
-                stop=list(s.stop) or None,
-                ignore_eos=s.ignore_eos,
-                repetition_penalty=s.repetition_penalty,
-                **s.extra_args,
-            )
-            # Only the finished output is wanted, as in vLLM's own offline LLM class: no
-            # per-step RequestOutput for every running request (which costs the frontend CPU
-            # that the engine core shares on a small machine).
-            self._params.output_kind = RequestOutputKind.FINAL_ONLY
+            self._sampling_params: Any = vllm.SamplingParams
+            self._structured_params: Any = StructuredOutputsParams
+            self._final_only: Any = RequestOutputKind.FINAL_ONLY
+            self._kwargs = sampling_kwargs(spec)
+            self._params: Any = self._draw_params(Draw(n=self._policy.n))
+            if self._response is not None:
+                self._verify(VLLMValidationError, spec.sampling.max_tokens)
         else:
             self._params = vllm.PoolingParams(task="embed")
 
+    def _draw_params(self, d: Draw) -> Any:
+        """A new SamplingParams per draw (not a clone with fields set: SamplingParams fixes
+        greedy-specific fields from the temperature when it is built)."""
+        kwargs = dict(self._kwargs)
+        if d.n != 1:
+            kwargs["n"] = d.n
+        if d.temperature is not None:
+            kwargs["temperature"] = d.temperature
+        if d.seed is not None:
+            kwargs["seed"] = d.seed
+        if self._response is not None:
+            kwargs["structured_outputs"] = self._structured_params(
+                **self._response.structured_outputs()
+            )
+        params = self._sampling_params(**kwargs)
+        # Only the finished output is wanted, as in vLLM's own offline LLM class: no
+        # per-step RequestOutput for every running request (which costs the frontend CPU
+        # that the engine core shares on a small machine).
+        params.output_kind = self._final_only
+        return params
+
+    def _verify(self, validation_error: type[Exception], max_tokens: int) -> None:
+        """Fail before any row if vLLM cannot follow the constraint or no answer fits."""
+        assert self._response is not None
+        probe = self._draw_params(Draw(n=self._policy.n))
+        try:
+            probe.verify(
+                self._engine.model_config,
+                None,
+                self._engine.vllm_config.structured_outputs_config,
+                self._tokenizer,
+            )
+        except (validation_error, ValueError) as exc:
+            raise ConfigurationError(
+                f"response: vLLM cannot constrain to this schema: {str(exc).splitlines()[0]}; "
+                "simplify the schema, or set model.engine_args.structured_outputs_config."
+                "backend: guidance"
+            ) from exc
+        shortest = len(self._tokenizer.encode(self._response.skeleton(), add_special_tokens=False))
+        if shortest + 1 > max_tokens:
+            raise ConfigurationError(
+                f"sampling.max_tokens: the shortest valid answer takes {shortest + 1} tokens, "
+                f"more than {max_tokens}; raise sampling.max_tokens to at least {shortest + 1}"
+            )
+
     async def run(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
         request_ids = [f"r{next(self._ids)}" for _ in requests]
+        live = list(request_ids)  # grows by the re-sample ids; the abort takes them all
 
         async def abort() -> None:
             if not self._engine.errored:  # a dead engine core takes no aborts
-                await self._engine.abort(request_ids)
+                await self._engine.abort(list(live))
 
         return await run_watched(
-            (self._one(r, i) for r, i in zip(requests, request_ids, strict=True)),
+            (self._one(r, i, live) for r, i in zip(requests, request_ids, strict=True)),
             self._watchdog,
             abort,
         )
 
-    async def _one(self, req: EngineRequest, request_id: str) -> EngineResult:
-        result = await self._run_one(req, request_id)
+    async def _one(self, req: EngineRequest, request_id: str, live: list[str]) -> EngineResult:
+        result = await self._run_one(req, request_id, live)
         result.timings["finished_at"] = time.time()
         return result
 
-    async def _run_one(self, req: EngineRequest, request_id: str) -> EngineResult:
+    async def _run_one(self, req: EngineRequest, request_id: str, live: list[str]) -> EngineResult:
         try:
             ids = self._tokenize(req)
         except Exception as exc:  # a row the tokenizer cannot take is that row's problem
@@ -140,14 +238,16 @@ class VLLMEngine:
             )
         try:
             with self._watchdog.request():
-                return await self._infer(req.key, ids, request_id)
+                return await self._infer(req.key, ids, request_id, live)
         except Exception as exc:
             if isinstance(exc, self._fatal) or not self.healthy():
                 raise  # the engine is broken: the chunk fails and is retried elsewhere
             log.info("request %s (row %d) failed: %s: %s", request_id, req.key, type(exc), exc)
             return row_error(req.key, exc, input_tokens=len(ids))
 
-    async def _infer(self, key: int, ids: list[int], request_id: str) -> EngineResult:
+    async def _infer(
+        self, key: int, ids: list[int], request_id: str, live: list[str]
+    ) -> EngineResult:
         prompt = self._tokens_prompt(prompt_token_ids=ids)
         if self.task == "embed":
             pooled: Any = None
@@ -158,20 +258,22 @@ class VLLMEngine:
                 raise RuntimeError("vLLM returned no embedding")
             vector = pooled.outputs.data.float().tolist()
             return EngineResult(key=key, input_tokens=len(ids), embedding=vector)
-        final: Any = None
-        async for out in self._engine.generate(prompt, self._params, request_id):
-            final = out
-            self._watchdog.progress()
-        if final is None:
-            raise RuntimeError("vLLM returned no output")
-        completion = final.outputs[0]
-        return EngineResult(
-            key=key,
-            text=completion.text,
-            finish_reason=str(completion.finish_reason),
-            input_tokens=len(ids),
-            output_tokens=len(completion.token_ids),
-        )
+
+        async def draw(d: Draw) -> tuple[int, list[Sample]]:
+            if d.round == 0:
+                rid, params = request_id, self._params
+            else:
+                rid, params = f"{request_id}.s{d.round}", self._draw_params(d)
+                live.append(rid)
+            final: Any = None
+            async for out in self._engine.generate(prompt, params, rid):
+                final = out
+                self._watchdog.progress()
+            if final is None:
+                raise RuntimeError("vLLM returned no output")
+            return len(ids), [_sample(c) for c in final.outputs[: d.n]]
+
+        return await draw_checked(key, draw, self._response, self._policy)
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:
@@ -199,6 +301,28 @@ class VLLMEngine:
             self._engine.shutdown()
         finally:
             _terminate(self._processes)
+
+
+def _sample(c: Any) -> Sample:
+    """One vLLM ``CompletionOutput`` as a Sample. With ``logprobs=0`` each position's dict
+    holds the sampled token (vLLM puts it first), so its logprob is the sampled one's."""
+    tokens: list[tuple[int, str, float]] | None = None
+    logprobs = getattr(c, "logprobs", None)  # None unless SamplingParams.logprobs is set
+    if logprobs is not None:
+        tokens = []
+        for tid, position in zip(c.token_ids, logprobs, strict=False):
+            lp = position.get(tid)
+            if lp is None:  # no trace to align: the confidence becomes None
+                tokens = None
+                break
+            tokens.append((int(tid), lp.decoded_token or "", float(lp.logprob)))
+    return Sample(
+        text=c.text,
+        finish_reason=str(c.finish_reason),
+        output_tokens=len(c.token_ids),
+        cumulative_logprob=getattr(c, "cumulative_logprob", None),
+        tokens=tokens,
+    )
 
 
 def _descendants() -> list[Any]:

@@ -3,6 +3,8 @@
 The retry, resume and kill tests read their verdicts off these faults: rows that fail at
 random and differently on every attempt, a per-row exception that must stay a row error,
 an engine that hangs until it is declared hung, and sampling that differs per attempt.
+Typed answers (``response:``) are valid and deterministic, and its violation options drive
+the check-and-resample loop the way a real engine's cut-off answers would.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from batch.engine.fake import FakeEngine, FakeEngineCrash
 from batch.spec import JobSpec, parse_spec
 
 
-def spec(options: dict[str, object], **over: str) -> JobSpec:
+def spec(options: dict[str, object], response: str = "", **over: str) -> JobSpec:
     text = f"""
 name: fake-engine
 input: {{path: /nowhere}}
@@ -26,6 +28,7 @@ output: {{path: /nowhere-out}}
 model: {{path: m, engine: fake, fake_options: {json.dumps(options)}}}
 prompt: {{template: "{{{{ text }}}}"}}
 sampling: {{max_tokens: 6}}
+{response}
 """
     return parse_spec(text, overrides=[f"{k}={v}" for k, v in over.items()])
 
@@ -104,3 +107,92 @@ def test_the_older_options_still_work() -> None:
     with pytest.raises(FakeEngineCrash):
         run(engine, rows("ok", "kaboom"))
     assert engine.healthy()  # a crash fails the chunk; the fake engine itself lives on
+
+
+# ---------------------------------------------------------------- typed answers (response:)
+
+FIELDS = "response: {fields: {sentiment: [positive, negative, mixed], summary: str, stars: int}}"
+REVIEWS = [f"review {i}: the phone number {i} is {'good ' * (i % 4)}fine" for i in range(30)]
+
+
+def typed(options: dict[str, object], response: str = FIELDS, **over: str) -> FakeEngine:
+    return FakeEngine(spec(options, response, **{"sampling.max_tokens": "64", **over}))
+
+
+def test_typed_answers_are_valid_deterministic_and_varied() -> None:
+    engine = typed({})
+    results = run(engine, rows(*REVIEWS))
+    assert all(r.error_kind is None and r.resamples == 0 for r in results)
+    for r in results:
+        assert r.values is not None and set(r.values) == {"sentiment", "summary", "stars"}
+        assert r.values["sentiment"] in ("positive", "negative", "mixed")
+        assert isinstance(r.values["stars"], int) and isinstance(r.values["summary"], str)
+        assert json.loads(r.text or "") == r.values  # the text is the answer
+        p = r.confidence["sentiment_confidence"]
+        assert p is not None and 0 < p <= 1
+    assert len({r.values["sentiment"] for r in results if r.values}) == 3
+    assert len({r.confidence["sentiment_confidence"] for r in results}) > 3
+    again = run(typed({}), rows(*REVIEWS))
+    assert [r.values for r in again] == [r.values for r in results]
+
+
+def test_a_row_cut_off_once_is_valid_after_one_resample_and_the_waste_is_counted() -> None:
+    engine = typed({"violate_on_text": "number 3 ", "violate_draws": 1})
+    results = run(engine, rows(*REVIEWS[:6]))
+    assert [r.resamples for r in results] == [0, 0, 0, 1, 0, 0]
+    cut = results[3]
+    assert cut.error_kind is None and cut.values is not None
+    assert cut.discarded_output_tokens == 64  # the cut-off answer ran to max_tokens
+    assert cut.discarded_input_tokens == cut.input_tokens > 0
+    assert all(r.discarded_output_tokens == 0 for i, r in enumerate(results) if i != 3)
+
+
+def test_a_row_invalid_on_every_draw_is_a_schema_violation_with_its_last_answer() -> None:
+    engine = typed({"violation_rate": 1})
+    (result,) = run(engine, rows(REVIEWS[0]))
+    assert result.error_kind == "SchemaViolation" and result.values is None
+    assert "cut off at sampling.max_tokens" in (result.error or "")
+    assert "after 2 re-samples" in (result.error or "")
+    assert result.text and json.loads(json.dumps(result.text))  # the truncated answer, kept
+    assert result.resamples == 2 and result.discarded_output_tokens == 3 * 64
+    zero = typed({"violation_rate": 1}, FIELDS.replace("}}", "}, max_resamples: 0}"))
+    (result,) = run(zero, rows(REVIEWS[0]))
+    assert "after 0 re-samples" in (result.error or "") and result.resamples == 0
+
+
+def test_an_answer_longer_than_max_tokens_is_cut_off_as_on_vllm() -> None:
+    engine = typed({}, **{"sampling.max_tokens": "3"})  # 12 characters: no JSON answer fits
+    results = run(engine, rows(*REVIEWS[:3]))
+    assert [r.error_kind for r in results] == ["SchemaViolation"] * 3
+    assert all("raise sampling.max_tokens" in (r.error or "") for r in results)
+
+
+def test_choice_gives_a_listed_label_with_a_varying_confidence() -> None:
+    engine = typed({}, "response: {choice: [keep, drop], column: answer}")
+    results = run(engine, rows(*REVIEWS))
+    assert {r.values["answer"] for r in results if r.values} == {"keep", "drop"}
+    confidences = [r.confidence["answer_confidence"] for r in results]
+    assert all(p is not None and 0 < p <= 1 for p in confidences)
+    assert len(set(confidences)) > 1
+
+
+def test_regex_jobs_answer_with_regex_answer() -> None:
+    engine = typed({"regex_answer": "A-123"}, "response: {regex: '[A-Z]-[0-9]+'}")
+    (good,) = run(engine, rows(REVIEWS[0]))
+    assert good.values == {"match": "A-123"} and good.error_kind is None
+    wrong = typed({"regex_answer": "nope"}, "response: {regex: '[A-Z]-[0-9]+'}")
+    (bad,) = run(wrong, rows(REVIEWS[0]))
+    assert bad.error_kind == "SchemaViolation" and bad.text == "nope"
+
+
+def test_sampled_typed_answers_differ_per_attempt_and_stay_valid() -> None:
+    engine = typed({}, **{"sampling.temperature": "0.8"})
+    a, b = (run(engine, rows(*REVIEWS[:10])) for _ in range(2))
+    assert all(r.error_kind is None for r in a + b)
+    assert [r.text for r in a] != [r.text for r in b]
+
+
+def test_without_response_no_typed_values_and_nothing_resampled() -> None:
+    (r,) = run(FakeEngine(spec({"violation_rate": 1})), rows("the quick brown fox"))
+    assert r.error_kind is None and r.text == "the quick"
+    assert (r.values, r.resamples, r.discarded_output_tokens) == (None, 0, 0)

@@ -1,4 +1,5 @@
-"""The vLLM engine wrapper renders and tokenizes each prompt exactly once, and vLLM gets ids.
+"""The vLLM engine wrapper renders and tokenizes each prompt exactly once, and vLLM gets ids;
+typed answers carry vLLM's constraint, are checked, and bad ones are drawn again.
 
 Uses a stand-in for AsyncLLM and the tokenizer (no vllm import); the real engine runs in the
 integration tests.
@@ -8,6 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import json
+import math
 import time
 from collections.abc import AsyncIterator
 from types import SimpleNamespace
@@ -15,8 +18,11 @@ from typing import Any
 
 import pytest
 
-from batch.engine import EngineHung, EngineRequest, EngineResult, Watchdog
-from batch.engine.vllm import VLLMEngine
+from batch.engine import Draw, EngineHung, EngineRequest, EngineResult, ResamplePolicy, Watchdog
+from batch.engine.vllm import VLLMEngine, engine_arguments, sampling_kwargs
+from batch.errors import ConfigurationError
+from batch.response import Response
+from batch.spec import JobSpec, parse_spec
 
 
 class CountingTokenizer:
@@ -47,7 +53,20 @@ class StubAsyncLLM:
         )
 
 
-def engine(tokenizer: CountingTokenizer, llm: StubAsyncLLM) -> VLLMEngine:
+class StubSamplingParams:
+    """Stands for vllm.SamplingParams: keeps the keyword arguments it was built with."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        self.kwargs = kwargs
+        self.output_kind: Any = None
+        self.verified: tuple[Any, ...] | None = None
+
+    def verify(self, *args: Any) -> None:
+        self.verified = args
+
+
+def engine(tokenizer: Any, llm: Any, spec: JobSpec | None = None) -> VLLMEngine:
+    """A VLLMEngine around stand-ins, set up as __init__ sets up a real one."""
     e = VLLMEngine.__new__(VLLMEngine)
     e.task = "generate"
     e._tokens_prompt = dict  # type: ignore[assignment]
@@ -55,9 +74,21 @@ def engine(tokenizer: CountingTokenizer, llm: StubAsyncLLM) -> VLLMEngine:
     e._engine = llm
     e.max_model_len = 64
     e._ids = itertools.count()
-    e._params = object()
     e._watchdog = Watchdog(None)
     e._fatal = ()
+    e._sampling_params = StubSamplingParams
+    e._structured_params = SimpleNamespace
+    e._final_only = "FINAL_ONLY"
+    if spec is None:
+        e._response = None
+        e._policy = ResamplePolicy(1, 0, 0.0, 0.8, None)
+        e._kwargs = {}
+        e._params = object()
+    else:
+        e._response = Response.from_spec(spec.response) if spec.response else None
+        e._policy = ResamplePolicy.from_spec(spec)
+        e._kwargs = sampling_kwargs(spec)
+        e._params = e._draw_params(Draw(n=1))
     return e
 
 
@@ -262,3 +293,173 @@ def test_the_hang_clock_starts_when_an_idle_engine_gets_work() -> None:
         # the inner one finished: progress
         assert dog.seconds_left() == 10.0
     assert Watchdog(None).seconds_left() is None
+
+
+# ---------------------------------------------------------------- typed answers (response:)
+
+
+def job(response: str = "", **over: str) -> JobSpec:
+    text = f"""
+name: typed
+input: {{path: /nowhere}}
+output: {{path: /nowhere-out}}
+model: {{path: m}}
+prompt: {{template: "{{{{ text }}}}"}}
+sampling: {{max_tokens: 32, seed: 7}}
+{response}
+"""
+    return parse_spec(text, overrides=[f"{k}={v}" for k, v in over.items()])
+
+
+CHOICE = "response: {choice: [positive, negative, mixed]}"
+
+
+def test_without_response_the_sampling_and_engine_arguments_are_as_before() -> None:
+    spec = job(**{"sampling.extra_args": "{presence_penalty: 0.5}"})
+    assert sampling_kwargs(spec) == dict(
+        max_tokens=32,
+        temperature=0.0,
+        top_p=1.0,
+        top_k=-1,
+        min_tokens=0,
+        seed=7,
+        stop=None,
+        ignore_eos=False,
+        repetition_penalty=1.0,
+        presence_penalty=0.5,
+    )
+    assert "structured_outputs_config" not in engine_arguments(spec, "/m")
+    params = engine(WordTokenizer(), StubAsyncLLM(), spec)._params
+    assert params.kwargs == sampling_kwargs(spec)  # no n, no logprobs, no constraint
+    assert params.output_kind == "FINAL_ONLY"
+
+
+def test_a_typed_response_constrains_every_request_and_asks_logprobs_for_confidence() -> None:
+    choice = job(CHOICE)
+    assert sampling_kwargs(choice)["logprobs"] == 0  # the sampled token's, for the confidence
+    assert "logprobs" not in sampling_kwargs(job(CHOICE.replace("}", ", confidence: false}")))
+    assert "logprobs" not in sampling_kwargs(job("response: {regex: '[0-9]+'}"))
+    enum = job("response: {fields: {sentiment: [a, b], summary: str}}")
+    assert sampling_kwargs(enum)["logprobs"] == 0
+    assert "logprobs" not in sampling_kwargs(job("response: {fields: {summary: str}}"))
+    # whitespace-free xgrammar on the engine, unless the user configured it
+    assert engine_arguments(choice, "/m")["structured_outputs_config"] == {
+        "backend": "xgrammar",
+        "disable_any_whitespace": True,
+    }
+    mine = job(CHOICE, **{"model.engine_args": "{structured_outputs_config: {backend: guidance}}"})
+    assert engine_arguments(mine, "/m")["structured_outputs_config"] == {"backend": "guidance"}
+    params = engine(WordTokenizer(), StubAsyncLLM(), enum)._params
+    assert json.loads(json.dumps(params.kwargs["structured_outputs"].json))["required"] == [
+        "sentiment",
+        "summary",
+    ]
+
+
+class AnsweringAsyncLLM:
+    """Answers each request id from a script: the text per draw, and its logprob."""
+
+    def __init__(self, answers: dict[str, list[str]], slow_resamples: bool = False) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, Any]] = []
+        self.errored = False
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.slow_resamples = slow_resamples
+
+    async def generate(self, prompt: Any, params: Any, request_id: str) -> AsyncIterator[Any]:
+        self.calls.append((request_id, params))
+        base, _, draw = request_id.partition(".s")
+        self.running.add(request_id)
+        try:
+            if draw and self.slow_resamples:
+                await asyncio.Event().wait()
+            text = self.answers[base][int(draw or 0)]
+            yield SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        text=text,
+                        finish_reason="stop",
+                        token_ids=[1] * len(text),
+                        cumulative_logprob=-0.25,
+                        logprobs=None,
+                    )
+                ]
+            )
+        finally:
+            self.running.discard(request_id)
+
+    async def abort(self, request_ids: Any) -> None:
+        self.aborted.extend(request_ids)
+        self.running.difference_update(request_ids)
+
+
+def test_a_bad_answer_is_drawn_again_as_its_own_request_and_sampled_not_greedy() -> None:
+    llm = AnsweringAsyncLLM({"r0": ["maybe", "positive"], "r1": ["negative"]})
+    e = engine(WordTokenizer(), llm, job(CHOICE))
+    first, second = asyncio.run(e.run(rows("great phone", "awful phone")))
+    assert sorted(c[0] for c in llm.calls) == ["r0", "r0.s1", "r1"]
+    resample = next(p.kwargs for rid, p in llm.calls if rid == "r0.s1")
+    assert resample["temperature"] == 0.8 and resample["seed"] == 8  # seed + round
+    assert resample["structured_outputs"].choice == ["positive", "negative", "mixed"]
+    assert llm.calls[0][1].kwargs["temperature"] == 0.0
+    assert first.error_kind is None and first.values == {"label": "positive"}
+    assert first.confidence["label_confidence"] == pytest.approx(math.exp(-0.25))
+    assert (first.resamples, first.discarded_output_tokens) == (1, len("maybe"))
+    assert first.discarded_input_tokens == first.input_tokens == 2
+    assert first.output_tokens == len("positive") and first.text == "positive"
+    assert (second.values, second.resamples, second.discarded_output_tokens) == (
+        {"label": "negative"},
+        0,
+        0,
+    )
+
+
+def test_a_row_still_invalid_after_max_resamples_is_a_schema_violation_with_its_text() -> None:
+    llm = AnsweringAsyncLLM({"r0": ["maybe", "perhaps", "dunno"]})
+    (result,) = asyncio.run(engine(WordTokenizer(), llm, job(CHOICE)).run(rows("meh")))
+    assert result.error_kind == "SchemaViolation"
+    assert "after 2 re-samples" in (result.error or "") and "dunno" in (result.error or "")
+    assert result.text == "dunno" and result.values is None
+    assert result.resamples == 2 and result.discarded_output_tokens == 5 + 7 + 5
+    assert [c[0] for c in llm.calls] == ["r0", "r0.s1", "r0.s2"]
+
+
+def test_cancelling_a_chunk_during_a_resample_aborts_the_resample_request() -> None:
+    llm = AnsweringAsyncLLM({"r0": ["maybe", "positive"]}, slow_resamples=True)
+    e = engine(WordTokenizer(), llm, job(CHOICE))
+
+    async def go() -> None:
+        task = asyncio.ensure_future(e.run(rows("meh")))
+        await asyncio.sleep(0.05)
+        assert "r0.s1" in llm.running
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert "r0.s1" in llm.aborted and llm.running == set()
+
+    asyncio.run(go())
+
+
+class BudgetTokenizer(WordTokenizer):
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return list(range(len(text)))  # one token per character
+
+
+def test_a_schema_vllm_refuses_or_an_answer_that_cannot_fit_fails_at_engine_start() -> None:
+    class Refusing(StubSamplingParams):
+        def verify(self, *args: Any) -> None:
+            raise ValueError("The provided JSON schema contains features not supported")
+
+    llm = SimpleNamespace(
+        model_config="mc", vllm_config=SimpleNamespace(structured_outputs_config="soc")
+    )
+    spec = job("response: {fields: {sentiment: [positive, negative], summary: str}}")
+    e = engine(BudgetTokenizer(), llm, spec)
+    e._verify(KeyError, 40)  # the skeleton {"sentiment":"positive","summary":""} fits 40
+    e._sampling_params = Refusing
+    with pytest.raises(ConfigurationError, match=r"^response: vLLM cannot constrain"):
+        e._verify(KeyError, 32)
+    e._sampling_params = StubSamplingParams
+    with pytest.raises(ConfigurationError, match=r"sampling.max_tokens to at least 38"):
+        e._verify(KeyError, 20)
