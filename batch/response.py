@@ -71,6 +71,7 @@ CUT_OFF = (
     "cut off at sampling.max_tokens before the answer was complete; raise sampling.max_tokens "
     "(retry-failed --set sampling.max_tokens=N) or bound strings with maxLength"
 )
+YAML_BOOL = "YAML reads yes/no/true/false/on/off as booleans; quote the labels, e.g. ['yes', 'no']"
 _COMPACT_HINT = "use str, int, float, bool, [labels], [T] or a mapping"
 
 Path = tuple[str | int, ...]
@@ -136,7 +137,9 @@ def _compact(value: Any, path: Path) -> dict[str, Any]:
             raise SchemaProblem(path, f"an empty list is no type; {_COMPACT_HINT}")
         labels = []
         for i, label in enumerate(value):
-            if not isinstance(label, str | int | float) or isinstance(label, bool) or label == "":
+            if isinstance(label, bool):
+                raise SchemaProblem((*path, i), YAML_BOOL)
+            if not isinstance(label, str | int | float) or label == "":
                 raise SchemaProblem((*path, i), f"enum labels are non-empty text; got {label!r}")
             labels.append(str(label))
         if len(set(labels)) != len(labels):

@@ -24,6 +24,7 @@ from batch import yamldoc
 from batch.errors import SpecError
 from batch.response import (
     RESERVED,
+    YAML_BOOL,
     Response,
     SchemaProblem,
     check_json_schema,
@@ -241,6 +242,13 @@ class ResponseSpec(_Spec):
     def _schema_ok(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
         if v is not None:
             _schema_or_raise(check_json_schema, v)
+        return v
+
+    @field_validator("choice", mode="before")
+    @classmethod
+    def _no_yaml_booleans(cls, v: Any) -> Any:
+        if isinstance(v, list) and any(isinstance(label, bool) for label in v):
+            raise ValueError(YAML_BOOL)
         return v
 
     @field_validator("choice")

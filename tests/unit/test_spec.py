@@ -265,3 +265,11 @@ def test_spec_reference_lists_response_fields() -> None:
     paths = [p for p, _, _ in describe_fields()]
     assert "response" in paths
     assert {"response.fields", "response.choice", "response.max_resamples"} <= set(paths)
+
+
+def test_yes_no_labels_must_be_quoted() -> None:
+    """YAML reads [yes, no] as booleans; the error says to quote them, not 'a valid string'."""
+    assert "quote the labels" in error_of(GOOD + "response:\n  choice: [yes, no]\n")
+    assert "quote the labels" in error_of(GOOD + "response:\n  fields: {ok: [yes, no]}\n")
+    spec = parse_spec(GOOD + "response:\n  choice: ['yes', 'no']\n")
+    assert spec.response is not None and spec.response.choice == ["yes", "no"]
