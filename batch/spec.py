@@ -69,6 +69,11 @@ SPEED_ONLY_ENGINE_ARGS = frozenset(
     }
 )
 
+# SamplingParams fields a typed answer sets itself: refused in sampling.extra_args with response.
+_RESPONSE_OWNS = frozenset(
+    {"structured_outputs", "guided_decoding", "n", "best_of", "logprobs", "output_kind"}
+)
+
 
 class _Spec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -475,6 +480,12 @@ class JobSpec(_Spec):
             if self.model.task != "generate":
                 raise ValueError(
                     "response: typed answers need model.task: generate; remove response for embed"
+                )
+            taken = sorted(set(self.sampling.extra_args) & _RESPONSE_OWNS)
+            if taken:
+                raise ValueError(
+                    f"sampling.extra_args.{taken[0]}: response sets it (constraint, one checked "
+                    "answer per row, logprobs for the confidence); remove it from extra_args"
                 )
             mode = str(self.model.engine_args.get("logprobs_mode", "raw_logprobs"))
             if self.response.confidence and mode in ("raw_logits", "processed_logits"):

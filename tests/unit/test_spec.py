@@ -273,3 +273,11 @@ def test_yes_no_labels_must_be_quoted() -> None:
     assert "quote the labels" in error_of(GOOD + "response:\n  fields: {ok: [yes, no]}\n")
     spec = parse_spec(GOOD + "response:\n  choice: ['yes', 'no']\n")
     assert spec.response is not None and spec.response.choice == ["yes", "no"]
+
+
+def test_extra_args_may_not_fight_the_response() -> None:
+    msg = error_of(TYPED, overrides=("sampling.extra_args={n: 3}",))
+    assert "sampling.extra_args.n: response sets it" in msg
+    msg = error_of(TYPED, overrides=('sampling.extra_args={structured_outputs: {json: "{}"}}',))
+    assert "sampling.extra_args.structured_outputs: response sets it" in msg
+    assert parse_spec(GOOD, overrides=("sampling.extra_args={n: 3}",)).response is None
