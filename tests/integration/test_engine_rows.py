@@ -3,21 +3,25 @@
 One engine, three situations a user meets: a request vLLM itself rejects fails only its row
 (vLLM 0.32 raises ``VLLMValidationError``, not a ``ValueError``); a cancelled chunk leaves no
 request behind in the engine; an engine that finishes nothing for ``chunk_timeout_s`` raises
-``EngineHung``, drops the chunk's requests and reports itself unhealthy.
+``EngineHung``, drops the chunk's requests and reports itself unhealthy. And typed answers:
+a JSON schema gives valid JSON, a choice a listed label with its probability.
 """
 
 from __future__ import annotations
 
 import asyncio
 import json
+import math
 import time
 from pathlib import Path
 from typing import Any
 
+import jsonschema
 import pytest
 
-from batch.engine import EngineHung, EngineRequest, Watchdog
-from batch.spec import parse_spec
+from batch.engine import Draw, EngineHung, EngineRequest, ResamplePolicy, Watchdog
+from batch.response import Response
+from batch.spec import JobSpec, parse_spec
 
 
 def rows(*texts: str) -> list[EngineRequest]:
@@ -91,3 +95,79 @@ async def scenario(engine: Any, llm: Any) -> None:
     await asyncio.sleep(0.5)
     assert llm.output_processor.get_num_unfinished_requests() == 0
     assert not engine.healthy()  # the actor restarts with a fresh engine
+
+
+REVIEWS = [
+    "Battery lasts two days and the screen is bright. Love it.",
+    "Stopped charging after a week. Support never answered.",
+    "Good camera, but the case cracked in a month.",
+]
+
+
+def typed_spec(response: str) -> JobSpec:
+    args = {"max_model_len": 1024, "enforce_eager": True, "dtype": "bfloat16"}
+    return parse_spec(
+        f"""
+name: engine-typed
+input: {{path: /unused}}
+output: {{path: /unused-out}}
+model: {{path: m, engine_args: {json.dumps(args)}}}
+prompt: {{template: "{{{{ text }}}}"}}
+sampling: {{max_tokens: 64}}
+response: {response}
+resources: {{chunk_timeout_s: null}}
+"""
+    )
+
+
+def test_real_vllm_typed_answers(demo_models: dict[str, Path]) -> None:
+    from batch.engine.vllm import VLLMEngine
+
+    schema = typed_spec(
+        "{fields: {sentiment: [positive, negative, mixed], "
+        "summary: {type: string, maxLength: 60}}, max_resamples: 2}"
+    )
+    engine = VLLMEngine(schema, str(demo_models["smollm2-135m-instruct"]))  # verifies at start
+    try:
+        asyncio.run(typed_scenario(engine, schema))
+    finally:
+        engine.close()
+
+
+def typed_requests(response: Response) -> list[EngineRequest]:
+    return [
+        EngineRequest(
+            key=i,
+            messages=({"role": "user", "content": f"Review: {t}\n\n{response.instruction()}"},),
+        )
+        for i, t in enumerate(REVIEWS)
+    ]
+
+
+async def typed_scenario(engine: Any, schema: JobSpec) -> None:
+    response = engine._response
+    results = await engine.run(typed_requests(response))
+    valid = [r for r in results if r.error_kind is None]
+    assert len(valid) >= 2, [(r.error_kind, r.error, r.text) for r in results]
+    for r in valid:
+        doc = json.loads(r.text)
+        jsonschema.validate(doc, response.schema)
+        assert r.values == doc and r.values["sentiment"] in ("positive", "negative", "mixed")
+    assert all(r.error_kind in (None, "SchemaViolation") for r in results)
+
+    # The same engine, asked for a choice (the constraint is per request).
+    choice = typed_spec("{choice: [positive, negative, mixed]}")
+    assert choice.response is not None
+    from batch.engine.vllm import sampling_kwargs
+
+    engine._response = Response.from_spec(choice.response)
+    engine._policy = ResamplePolicy.from_spec(choice)
+    engine._kwargs = sampling_kwargs(choice)
+    engine._params = engine._draw_params(Draw(n=1))
+    engine._verify(Exception, 64)
+    results = await engine.run(typed_requests(engine._response))
+    assert all(r.error_kind is None for r in results), [(r.error, r.text) for r in results]
+    for r in results:
+        assert r.values["label"] in ("positive", "negative", "mixed")
+        p = r.confidence["label_confidence"]
+        assert p is not None and 0 < p <= 1 and not math.isnan(p)
