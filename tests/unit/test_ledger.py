@@ -164,3 +164,32 @@ def test_engine_idle_fraction_counts_gaps_between_chunks_per_engine() -> None:
     assert busy["engine_busy_seconds"] == pytest.approx(50)
     assert busy["engine_idle_fraction"] == pytest.approx(10 / 60, abs=1e-4)
     assert engine_busy([])["engine_idle_fraction"] == 0.0
+
+
+def test_typed_job_ledger_lists_resampling_apart_from_the_committed_tokens() -> None:
+    from batch.report import summary_lines
+
+    s = spec(**{"ledger.cpu_hour_usd": "2.0", "response.choice": "[good, bad]"})
+    typed = {"resamples": 5, "discarded_input_tokens": 300, "discarded_output_tokens": 50_000,
+             "schema_violations": 2}  # fmt: skip
+    old = marker(500, 600_000, 100_000, 10, 100)  # written before typed answers: counts 0
+    led = build_ledger(s, [{**marker(500, 400_000, 100_000, 0, 50), **typed}, old],
+                       [run(wall=100, gpu=1800)])  # fmt: skip
+    assert {k: led[k] for k in typed} == typed
+    # the committed rows' tokens keep their meaning, and the APIs are priced on them ...
+    assert (led["input_tokens"], led["output_tokens"]) == (1_000_000, 200_000)
+    assert led["comparisons"][0]["list_usd"] == pytest.approx(0.27)
+    # ... while throughput counts what the engine really generated
+    assert led["generated_output_tokens"] == 250_000
+    assert led["output_tokens_per_second"] == pytest.approx(2500.0)
+    assert any("re-sampled and discarded tokens" in n for n in led["notes"])
+    line = summary_lines(led)[-1]
+    assert line == (
+        "typed answers: re-sampled 5 times; 50,000 output tokens discarded (20.0% of "
+        "generated); 2 rows SchemaViolation"
+    )
+    # a job without response: keeps exactly today's ledger keys
+    plain = build_ledger(spec(**{"ledger.cpu_hour_usd": "2.0"}), [old], [run(100, 1800)])
+    assert not {"resamples", "generated_output_tokens"} & set(plain)
+    assert plain["output_tokens_per_second"] == pytest.approx(1000.0)
+    assert not summary_lines(plain)[-1].startswith("typed answers")

@@ -12,6 +12,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -121,10 +122,14 @@ def test_complete_output_is_not_rerun(reviews: Path, tmp_path: Path) -> None:
 
 
 def test_user_pipeline_by_module_and_class(reviews: Path, tmp_path: Path) -> None:
-    spec = fake_job(reviews, tmp_path / "out", pipeline="pipelines.reviews:ReviewEnrichment")
+    spec = fake_job(
+        reviews, tmp_path / "out", pipeline="pipelines.reviews:ReviewTriage",
+        **{"response.fields": "{sentiment: [positive, negative, mixed], summary: str}",
+           "sampling.max_tokens": "200"},
+    )  # fmt: skip
     run_job(spec, NullReporter())
     data = read_dir(tmp_path / "out" / "data")
-    assert {"sentiment", "summary", "generated_text"} <= set(data.column_names)
+    assert {"sentiment", "summary", "generated_text", "needs_review"} <= set(data.column_names)
 
 
 def test_embeddings_are_fixed_size_float32(reviews: Path, tmp_path: Path) -> None:
@@ -383,3 +388,126 @@ def test_a_run_that_loses_its_lease_stops(reviews: Path, tmp_path: Path) -> None
         run_job(spec, NullReporter(), lease_ttl=1.5)
     thief.join()
     assert len(list((out / "_markers").glob("*.json"))) < 10, "it stopped before the end"
+
+
+# --------------------------------------------------------------------------- typed answers
+# Issue 13: response: in the spec. The fake engine builds valid answers and cuts them off at
+# sampling.max_tokens (as vLLM does), so a small max_tokens gives SchemaViolation rows.
+
+TYPED_FIELDS = (
+    "{sentiment: [positive, negative, mixed], summary: {type: string, maxLength: 40}, "
+    "stars: int, tags: [str]}"
+)
+ERROR_COLUMNS = [
+    pa.field("_error_class", pa.string()),
+    pa.field("_error_message", pa.string()),
+    pa.field("_attempt", pa.int16()),
+]
+
+
+def typed_job(inp: Path, out: Path, **over: str) -> JobSpec:
+    return fake_job(inp, out, **{"response.fields": TYPED_FIELDS, "sampling.max_tokens": "24",
+                                 **over})  # fmt: skip
+
+
+def _same_schema(folder: Path, expected: pa.Schema) -> bool:
+    """Every part in ``folder`` has exactly this schema (list item names aside: Parquet calls
+    them ``element``; pyarrow's schema equality ignores them, a set of schemas would not)."""
+    parts = [pq.read_schema(p).remove_metadata() for p in sorted(folder.glob("*.parquet"))]
+    return bool(parts) and all(s == expected for s in parts)
+
+
+def _markers(out: Path) -> list[dict[str, Any]]:
+    return [json.loads(p.read_text()) for p in (out / "_markers").glob("*.json")]
+
+
+def _rebuilt_rows_validate(data: pa.Table) -> None:
+    import jsonschema
+    import yaml
+
+    from batch.response import compact_to_json_schema
+
+    schema = compact_to_json_schema(yaml.safe_load(TYPED_FIELDS))
+    for row in data.select(["sentiment", "summary", "stars", "tags"]).to_pylist():
+        jsonschema.validate(row, schema)
+
+
+def test_typed_job_exactly_once_with_schema_violations_and_retry(
+    reviews: Path, tmp_path: Path
+) -> None:
+    from pipelines import load_pipeline
+
+    out = tmp_path / "out"
+    spec = typed_job(reviews, out)
+    run_job(spec, NullReporter())
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+    # every part has the schema known before the run: the input's columns, then the typed ones
+    inputs = pq.read_schema(next(reviews.glob("*.parquet")))
+    typed = load_pipeline(spec).output_schema()
+    expected_data = pa.schema([*inputs, *typed])
+    expected_failed = pa.schema([*inputs, *ERROR_COLUMNS, pa.field("_output_text", pa.string())])
+    assert _same_schema(out / "data", expected_data)
+    assert _same_schema(out / "_failed", expected_failed)
+    assert set(data["sentiment"].to_pylist()) <= {"positive", "negative", "mixed"}
+    assert all(0 <= c <= 1 for c in data["sentiment_confidence"].to_pylist() if c is not None)
+    _rebuilt_rows_validate(data)
+    # cut-off answers went to _failed/ as SchemaViolation with the text the model gave
+    rows = failed.to_pylist()
+    violations = [r for r in rows if r["_error_class"] == "SchemaViolation"]
+    assert violations and data.num_rows > 0, "max_tokens 24 cuts some answers, not all"
+    assert all(r["_output_text"] and "after 2 re-samples" in r["_error_message"]
+               for r in violations)  # fmt: skip
+    assert all(r["_output_text"] is None for r in rows if r["_error_class"] != "SchemaViolation")
+    # the ledger counts the re-sampling, as the markers do
+    markers = _markers(out)
+    ledger = json.loads((out / "ledger.json").read_text())
+    for key in ("resamples", "discarded_input_tokens", "discarded_output_tokens"):
+        assert ledger[key] == sum(m[key] for m in markers)
+    assert ledger["schema_violations"] == len(violations)
+    assert ledger["resamples"] >= 2 * len(violations) and ledger["discarded_output_tokens"] > 0
+    assert ledger["generated_output_tokens"] == (
+        ledger["output_tokens"] + ledger["discarded_output_tokens"]
+    )
+    assert ledger["output_tokens"] == sum(data["output_tokens"].to_pylist())
+    # retry-failed with a larger max_tokens moves them to data/ exactly once
+    summary = retry_failed(typed_job(reviews, out, **{"sampling.max_tokens": "200"}),
+                           NullReporter())  # fmt: skip
+    data, failed = read_dir(out / "data"), read_dir(out / "_failed")
+    ids = data["review_id"].to_pylist() + failed["review_id"].to_pylist()
+    assert sorted(ids) == input_ids(reviews) and len(set(ids)) == 96
+    assert "SchemaViolation" not in failed["_error_class"].to_pylist()
+    assert {r["review_id"] for r in violations} <= set(data["review_id"].to_pylist())
+    assert _same_schema(out / "data", expected_data)
+    assert _same_schema(out / "_failed", expected_failed)
+    _rebuilt_rows_validate(data)
+    assert summary.rows == data.num_rows
+
+
+def test_typed_job_resumes_exactly_once_after_lost_commits(reviews: Path, tmp_path: Path) -> None:
+    from pipelines import load_pipeline
+
+    out = tmp_path / "out"
+    spec = typed_job(reviews, out, **{"model.fake_options": "{violation_rate: 0.3, "
+                                                           "max_model_len: 400}"})  # fmt: skip
+    run_job(spec, NullReporter())
+    _drop_commits(out, 4, keep_data_parts=True)
+    run_job(spec, NullReporter())
+    _ids_once(out, reviews)
+    inputs = pq.read_schema(next(reviews.glob("*.parquet")))
+    assert _same_schema(out / "data", pa.schema([*inputs, *load_pipeline(spec).output_schema()]))
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["resamples"] == sum(m["resamples"] for m in _markers(out)) > 0
+
+
+def test_without_response_parts_markers_and_ledger_are_as_before(
+    reviews: Path, tmp_path: Path
+) -> None:
+    out = tmp_path / "out"
+    run_job(fake_job(reviews, out), NullReporter())
+    inputs = pq.read_schema(next(reviews.glob("*.parquet")))
+    assert _same_schema(out / "_failed", pa.schema([*inputs, *ERROR_COLUMNS]))
+    assert all("resamples" not in m and "schema_violations" not in m for m in _markers(out))
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert "resamples" not in ledger and "generated_output_tokens" not in ledger
