@@ -255,7 +255,7 @@ def build_ledger(
 ) -> dict[str, Any]:
     """The ledger document (``ledger.json``): usage from the markers, time from every run."""
     use = usage(markers)
-    typed = typed_usage(markers) if getattr(spec, "response", None) is not None else {}
+    typed = typed_usage(markers) if spec.response is not None else {}
     generated = typed.get("generated_output_tokens", use["output_tokens"])
     per_run, paid_not_committed = runs_summary(runs, markers)
     wall_seconds = sum(r["wall_seconds"] for r in per_run)

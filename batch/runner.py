@@ -275,7 +275,7 @@ def commit_work(
     t0 = time.perf_counter()
     data, failed = build_tables(spec, work, load_pipeline(spec))
     extra: dict[str, Any] = {"engine": work.engine, "timings": work.timings}
-    if getattr(spec, "response", None) is not None:
+    if spec.response is not None:
         extra.update(typed_usage(work.results))
     marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
@@ -285,12 +285,14 @@ def commit_work(
     return {"stats": pickle.dumps(marker)}
 
 
-def typed_usage(results: Any) -> dict[str, int]:
+def typed_usage(results: list[EngineResult]) -> dict[str, int]:
     """The marker's account of a typed job's re-sampling, over every row (failed ones too)."""
-    keys = ("resamples", "discarded_input_tokens", "discarded_output_tokens")
-    usage = {k: sum(int(getattr(r, k, 0)) for r in results) for k in keys}
-    usage["schema_violations"] = sum(1 for r in results if r.error_kind == "SchemaViolation")
-    return usage
+    return {
+        "resamples": sum(r.resamples for r in results),
+        "discarded_input_tokens": sum(r.discarded_input_tokens for r in results),
+        "discarded_output_tokens": sum(r.discarded_output_tokens for r in results),
+        "schema_violations": sum(1 for r in results if r.error_kind == "SchemaViolation"),
+    }
 
 
 def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Table, pa.Table]:
@@ -324,7 +326,7 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
         store.ATTEMPT,
         pa.array([prior[k] + max(1, work.attempts) for k in fail_keys], pa.int16()),
     )
-    if getattr(spec, "response", None) is not None:
+    if spec.response is not None:
         # Always there in a typed job (null but for SchemaViolation): one failed-part schema.
         failed = failed.append_column(
             store.OUTPUT_TEXT, pa.array([texts.get(k) for k in fail_keys], pa.string())

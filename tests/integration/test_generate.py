@@ -40,7 +40,8 @@ def check_generation_output(fs: fsspec.AbstractFileSystem, out: str, input_ids: 
     for row in rows:
         assert row["input_tokens"] > 0 and row["output_tokens"] > 0
         assert row["finish_reason"] in ("stop", "length")
-        assert row["sentiment"] in ("positive", "negative", "mixed", "unknown")
+        assert row["sentiment"] in ("positive", "negative", "mixed")  # typed: never unknown
+        assert 0 <= row["sentiment_confidence"] <= 1
     english = [r for r in rows if looks_like_english(r["generated_text"])]
     assert len(english) >= 0.9 * len(rows), [r["generated_text"] for r in rows[:5]]
     ledger = read_json(fs, f"{out}/ledger.json")
