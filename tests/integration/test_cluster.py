@@ -101,7 +101,8 @@ def test_generate_job_on_the_cluster_and_resubmit_attaches(
     inp, out = tmp_path / "reviews", tmp_path / "out"
     write_reviews(inp, rows=16, files=2)
     sets = [
-        f"input.path={inp}", f"output.path={out}", "sampling.max_tokens=16",
+        # plain text (this test is about the cluster, not typed answers), short answers
+        f"input.path={inp}", f"output.path={out}", "response=null", "sampling.max_tokens=16",
         "resources.rows_per_chunk=4",
         # A small KV cache: the machine is shared with other vLLM runs (vLLM-CPU reserves this
         # share of host memory up front and refuses to start without it).

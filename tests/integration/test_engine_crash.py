@@ -32,6 +32,7 @@ def test_killed_engine_process_is_replaced(demo_models: dict[str, Path], tmp_pat
             sys.executable, "-m", "batch.cli", "submit", "jobs/enrich.yaml",
             "--set", f"input.path={inp}", "--set", f"output.path={out}",
             "--set", "resources.rows_per_chunk=4", "--set", "sampling.max_tokens=24",
+            "--set", "response=null",  # plain text: this test is about the engine dying
             # A batch of one chunk, so chunks pass through the engine a few at a time and it
             # is still generating when the first one is committed (a batch holding all of
             # them finishes them together, and the engine is gone before the first commit).

@@ -25,6 +25,7 @@ def test_ctrl_c_releases_engines_and_leaves_no_processes(
             sys.executable, "-m", "batch.cli", "submit", "jobs/enrich.yaml",
             "--set", f"input.path={inp}", "--set", f"output.path={tmp_path / 'out'}",
             "--set", "resources.rows_per_chunk=4", "--set", "sampling.max_tokens=64",
+            "--set", "response=null",  # plain text: this test is about Ctrl-C
         ],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
