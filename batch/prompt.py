@@ -9,7 +9,7 @@ quietly sent to the model.
 from __future__ import annotations
 
 import difflib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jinja2
@@ -70,3 +70,22 @@ def check_columns(variables: Iterable[str], columns: Iterable[str], where: str) 
                 f"{where} uses '{{{{ {var} }}}}' but the input has no column '{var}'; "
                 f"{hint}columns: {', '.join(available)}"
             )
+
+
+def chat_token_ids(
+    tokenizer: Any,
+    messages: Sequence[Mapping[str, str]],
+    chat_template_kwargs: Mapping[str, Any] | None = None,
+) -> list[int]:
+    """Render the model's chat template and tokenize once, as the engine does; plan uses it too.
+
+    The rendered template already holds the special tokens, so none are added again. With no
+    ``chat_template_kwargs`` the call is exactly the plain one (no extra keyword arguments).
+    """
+    text = tokenizer.apply_chat_template(
+        [dict(m) for m in messages],
+        tokenize=False,
+        add_generation_prompt=True,
+        **dict(chat_template_kwargs or {}),
+    )
+    return list(tokenizer.encode(str(text), add_special_tokens=False))
