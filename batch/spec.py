@@ -69,10 +69,22 @@ SPEED_ONLY_ENGINE_ARGS = frozenset(
     }
 )
 
+# SamplingParams fields that have their own spec field: refused in sampling.extra_args.
+_OWN_FIELD = {"n": "sampling.n (samples per row)", "logprobs": "sampling.logprobs"}
+
 # SamplingParams fields a typed answer sets itself: refused in sampling.extra_args with response.
 _RESPONSE_OWNS = frozenset(
     {"structured_outputs", "guided_decoding", "n", "best_of", "logprobs", "output_kind"}
 )
+
+
+# Spec fields added after outputs already existed, with their defaults: a default is left out of
+# the fingerprint, so those outputs keep theirs (and resume is not refused).
+_ADDED_LATER: dict[tuple[str, str], Any] = {
+    ("sampling", "n"): 1,
+    ("sampling", "logprobs"): None,
+    ("prompt", "chat_template_kwargs"): {},
+}
 
 
 class _Spec(BaseModel):
@@ -151,6 +163,11 @@ class PromptSpec(_Spec):
         "'Summarise: {{ body }}'. For generate it is the user message (the model's chat "
         "template is applied); for embed it is the text to embed."
     )
+    chat_template_kwargs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Passed to the tokenizer's apply_chat_template (generate), e.g. "
+        "{enable_thinking: false} for Qwen3; the same in plan and run.",
+    )
 
     @field_validator("template")
     @classmethod
@@ -174,6 +191,20 @@ class SamplingSpec(_Spec):
         default=False, description="Keep generating past EOS (for benchmarks)."
     )
     repetition_penalty: float = Field(default=1.0, gt=0, description="vLLM repetition penalty.")
+    n: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="Samples per row; > 1 makes every output column a list (needs "
+        "temperature > 0).",
+    )
+    logprobs: int | None = Field(
+        default=None,
+        ge=0,
+        le=20,
+        description="Top-k logprobs kept per generated token, in a logprobs column; at most "
+        "model.engine_args.max_logprobs (default 20).",
+    )
     extra_args: dict[str, Any] = Field(
         default_factory=dict, description="Any other vLLM SamplingParams field, passed as is."
     )
@@ -476,6 +507,24 @@ class JobSpec(_Spec):
             raise ValueError(
                 f"input.id_column '{self.input.id_column}' is not in input.columns; add it there"
             )
+        for key, field in _OWN_FIELD.items():
+            if key in self.sampling.extra_args:
+                raise ValueError(
+                    f"sampling.extra_args.{key}: use {field} instead; remove it from extra_args"
+                )
+        if self.sampling.n > 1 and self.sampling.temperature == 0:
+            raise ValueError(
+                f"sampling.n is {self.sampling.n} but sampling.temperature is 0, which gives n "
+                "identical samples; set sampling.temperature > 0 or sampling.n: 1"
+            )
+        if self.sampling.logprobs is not None:
+            most = int(self.model.engine_args.get("max_logprobs", 20))
+            if self.sampling.logprobs > most:
+                raise ValueError(
+                    f"sampling.logprobs is {self.sampling.logprobs} but the engine keeps at most "
+                    f"{most} (model.engine_args.max_logprobs); lower sampling.logprobs or raise "
+                    "max_logprobs"
+                )
         if self.response is not None:
             if self.model.task != "generate":
                 raise ValueError(
@@ -516,6 +565,9 @@ class JobSpec(_Spec):
         # Added later: absent when unset, so outputs written before it keep their fingerprint.
         if relevant.get("response") is None:
             relevant.pop("response", None)
+        for (section, key), default in _ADDED_LATER.items():
+            if key in relevant[section] and relevant[section][key] == default:
+                relevant[section].pop(key)
         relevant["input"].pop("storage_options", None)
         relevant["model"]["engine_args"] = {
             k: v

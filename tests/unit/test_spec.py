@@ -276,8 +276,78 @@ def test_yes_no_labels_must_be_quoted() -> None:
 
 
 def test_extra_args_may_not_fight_the_response() -> None:
-    msg = error_of(TYPED, overrides=("sampling.extra_args={n: 3}",))
-    assert "sampling.extra_args.n: response sets it" in msg
+    msg = error_of(TYPED, overrides=("sampling.extra_args={best_of: 3}",))
+    assert "sampling.extra_args.best_of: response sets it" in msg
     msg = error_of(TYPED, overrides=('sampling.extra_args={structured_outputs: {json: "{}"}}',))
     assert "sampling.extra_args.structured_outputs: response sets it" in msg
-    assert parse_spec(GOOD, overrides=("sampling.extra_args={n: 3}",)).response is None
+    assert parse_spec(GOOD, overrides=("sampling.extra_args={best_of: 3}",)).response is None
+
+
+# ------------------------------------------------------------- n, logprobs, chat kwargs
+
+
+def test_new_fields_at_their_defaults_keep_the_fingerprint() -> None:
+    """n: 1, logprobs: null and chat_template_kwargs: {} written out change nothing."""
+    spelled = GOOD.replace(
+        "  max_tokens: 32\n", "  max_tokens: 32\n  n: 1\n  logprobs: null\n"
+    ).replace('{{ body }}"\n', '{{ body }}"\n  chat_template_kwargs: {}\n')
+    assert parse_spec(spelled).fingerprint() == "fc13869ab2f8d2fe"
+
+
+def test_new_fields_set_change_the_fingerprint() -> None:
+    base = parse_spec(GOOD).fingerprint()
+    for item in (
+        "sampling.n=2",
+        "sampling.logprobs=0",
+        "prompt.chat_template_kwargs.enable_thinking=false",
+    ):
+        spec = parse_spec(GOOD, overrides=("sampling.temperature=0.7", item))
+        warm = parse_spec(GOOD, overrides=("sampling.temperature=0.7",)).fingerprint()
+        assert spec.fingerprint() != warm, item
+        assert warm != base
+
+
+def test_n_and_logprobs_load() -> None:
+    spec = parse_spec(GOOD, overrides=("sampling.n=4", "sampling.temperature=0.8"))
+    assert spec.sampling.n == 4
+    spec = parse_spec(GOOD, overrides=("sampling.logprobs=5",))
+    assert spec.sampling.logprobs == 5
+    spec = parse_spec(GOOD, overrides=("prompt.chat_template_kwargs.enable_thinking=false",))
+    assert spec.prompt.chat_template_kwargs == {"enable_thinking": False}
+
+
+def test_n_needs_a_temperature() -> None:
+    msg = error_of(GOOD, overrides=("sampling.n=3",))
+    assert "sampling.n is 3 but sampling.temperature is 0" in msg
+    assert "set sampling.temperature > 0" in msg
+
+
+def test_n_and_logprobs_ranges() -> None:
+    assert "sampling.n" in error_of(GOOD, overrides=("sampling.n=0",))
+    assert "sampling.n" in error_of(GOOD, overrides=("sampling.n=65", "sampling.temperature=1"))
+    assert "sampling.logprobs" in error_of(GOOD, overrides=("sampling.logprobs=21",))
+    assert "sampling.logprobs" in error_of(GOOD, overrides=("sampling.logprobs=-1",))
+
+
+def test_logprobs_above_the_engines_max_is_refused() -> None:
+    msg = error_of(GOOD, overrides=("sampling.logprobs=8", "model.engine_args.max_logprobs=5"))
+    assert "sampling.logprobs is 8 but the engine keeps at most 5" in msg
+    ok = parse_spec(GOOD, overrides=("sampling.logprobs=5", "model.engine_args.max_logprobs=5"))
+    assert ok.sampling.logprobs == 5
+
+
+def test_extra_args_n_and_logprobs_point_to_the_new_fields() -> None:
+    """Before, extra_args.n was sent to vLLM and all but outputs[0] silently dropped."""
+    msg = error_of(GOOD, overrides=("sampling.extra_args.n=3",))
+    assert "sampling.extra_args.n: use sampling.n" in msg
+    msg = error_of(GOOD, overrides=("sampling.extra_args.logprobs=2",))
+    assert "sampling.extra_args.logprobs: use sampling.logprobs" in msg
+    # other SamplingParams fields still pass through without response
+    spec = parse_spec(GOOD, overrides=("sampling.extra_args.presence_penalty=0.5",))
+    assert spec.sampling.extra_args == {"presence_penalty": 0.5}
+
+
+def test_new_fields_are_described() -> None:
+    paths = [p for p, _, _ in describe_fields()]
+    for p in ("sampling.n", "sampling.logprobs", "prompt.chat_template_kwargs"):
+        assert p in paths
