@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pyarrow as pa
 import pytest
 
-from batch.engine import EngineResult
+from batch.engine import EngineResult, Sample
 from batch.errors import RowError, SpecError
 from batch.spec import parse_spec
 from pipelines import load_pipeline
+from pipelines.generate import LOGPROBS_TYPE
 from pipelines.reviews import needs_review
 
 BASE = """
@@ -145,3 +148,73 @@ def test_review_triage_flags_unsure_or_contradicting_rows(
     sentiment: str, confidence: float | None, rating: int | None, flagged: bool
 ) -> None:
     assert needs_review(sentiment, confidence, rating, 0.6) is flagged
+
+
+def _sample(text: str, **kw: Any) -> Sample:
+    return Sample(text=text, finish_reason="stop", output_tokens=len(text) // 4, **kw)
+
+
+def test_n_samples_make_every_answer_column_a_list_and_keep_counts_per_row() -> None:
+    p = load_pipeline(parse_spec(TYPED + "sampling: {n: 2, temperature: 0.7}\n"))
+    strings, floats = pa.list_(pa.string()), pa.list_(pa.float64())
+    assert p.output_schema() == pa.schema(
+        [("generated_text", strings), ("finish_reason", strings),
+         ("input_tokens", pa.int32()), ("output_tokens", pa.int32()),
+         ("sentiment", strings), ("summary", strings),
+         ("sentiment_confidence", floats), ("resamples", pa.int16())]
+    )  # fmt: skip
+    samples = [
+        _sample('{"sentiment":"mixed","summary":"a"}', values={"sentiment": "mixed",
+                "summary": "a"}, confidence={"sentiment_confidence": 0.5}),
+        _sample('{"sentiment":"positive","summary":"b"}', values={"sentiment": "positive",
+                "summary": "b"}, confidence={"sentiment_confidence": 0.9}),
+    ]  # fmt: skip
+    result = EngineResult(key=0, text=samples[0].text, finish_reason="stop", input_tokens=9,
+                          output_tokens=18, samples=samples, resamples=1)  # fmt: skip
+    row = p.finish_batch([{}], [result]).to_pylist()[0]
+    assert row["sentiment"] == ["mixed", "positive"] and row["summary"] == ["a", "b"]
+    assert row["sentiment_confidence"] == [0.5, 0.9]
+    assert row["finish_reason"] == ["stop", "stop"]
+    assert row["generated_text"] == [s.text for s in samples]
+    assert (row["input_tokens"], row["output_tokens"], row["resamples"]) == (9, 18, 1)
+
+
+def test_plain_text_with_n_2_is_two_texts_per_row_without_typed_columns() -> None:
+    p = load_pipeline(parse_spec(BASE % ("generate", "") + "sampling: {n: 2, temperature: 1}\n"))
+    assert p.output_schema().names == [
+        "generated_text", "finish_reason", "input_tokens", "output_tokens"
+    ]  # fmt: skip
+    result = EngineResult(key=0, text=" one ", samples=[_sample(" one "), _sample("two")])
+    assert p.finish_batch([{}], [result])["generated_text"].to_pylist() == [["one", "two"]]
+
+
+def test_logprobs_column_has_each_token_with_its_top_alternatives() -> None:
+    p = load_pipeline(parse_spec(BASE % ("generate", "") + "sampling: {logprobs: 2}\n"))
+    assert p.output_schema().field("logprobs").type == LOGPROBS_TYPE
+    tokens = [(5, "Hi", -0.1), (7, "!", -0.5)]
+    top = [[(5, "Hi", -0.1), (6, "Hey", -2.5)], [(7, "!", -0.5), (8, ".", -1.0), (9, "?", -3.0)]]
+    result = EngineResult(key=0, text="Hi!", samples=[_sample("Hi!", tokens=tokens, top=top)])
+    (cell,) = p.finish_batch([{}], [result])["logprobs"].to_pylist()
+    assert [(t["token_id"], t["token"]) for t in cell] == [(5, "Hi"), (7, "!")]
+    assert cell[0]["logprob"] == pytest.approx(-0.1)
+    assert [a["token"] for a in cell[1]["top"]] == ["!", ".", "?"]
+    no_trace = EngineResult(key=1, text="x", samples=[_sample("x")])
+    assert p.finish_batch([{}], [no_trace])["logprobs"].to_pylist() == [None]
+
+
+@pytest.mark.parametrize(
+    "extra",
+    ["model: {path: m, task: generate, engine_args: {reasoning_parser: qwen3}}\n",
+     "model: {path: m, task: generate, engine: fake, fake_options: {reasoning: true}}\n"],
+)  # fmt: skip
+def test_a_reasoning_parser_adds_a_reasoning_column_next_to_the_answer(extra: str) -> None:
+    text = TYPED.replace("model: {path: m, task: generate}\n", extra)
+    p = load_pipeline(parse_spec(text))
+    names = p.output_schema().names
+    assert names.index("reasoning") == names.index("resamples") - 1
+    s = _sample('{"sentiment":"mixed","summary":""}', reasoning="let me think",
+                values={"sentiment": "mixed", "summary": ""})  # fmt: skip
+    table = p.finish_batch([{}], [EngineResult(key=0, text=s.text, samples=[s])])
+    assert table["reasoning"].to_pylist() == ["let me think"]
+    assert table["generated_text"].to_pylist() == [s.text]
+    assert "reasoning" not in load_pipeline(parse_spec(TYPED)).output_schema().names
