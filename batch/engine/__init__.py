@@ -53,11 +53,14 @@ class EngineRequest:
 class Sample:
     """One generated answer of a row (a request with n > 1 has n)."""
 
-    text: str
+    text: str  # the answer, reasoning removed
     finish_reason: str | None
-    output_tokens: int
+    output_tokens: int  # reasoning tokens included
+    reasoning: str | None = None  # the model's thinking, when a reasoning parser split it off
     cumulative_logprob: float | None = None
     tokens: list[tuple[int, str, float]] | None = None  # (id, decoded, logprob) per token
+    # the top sampling.logprobs candidates per generated token, best first (rank order)
+    top: list[list[tuple[int, str, float]]] | None = None
     offset: int = 0  # where ``text`` starts in the tokens' text
     values: dict[str, Any] | None = None  # typed values, after the check
     confidence: dict[str, float | None] = field(default_factory=dict)
@@ -274,17 +277,18 @@ class ResamplePolicy:
     temperature: float
     resample_temperature: float
     seed: int | None
-    keep_tokens: bool = False  # keep Sample.tokens in the result
+    keep_tokens: bool = False  # keep Sample.tokens/top in the result (sampling.logprobs set)
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> ResamplePolicy:
         r = spec.response
         return cls(
-            n=1,
+            n=spec.sampling.n,
             max_resamples=r.max_resamples if r is not None else 0,
             temperature=spec.sampling.temperature,
             resample_temperature=r.resample_temperature if r is not None else 0.8,
             seed=spec.sampling.seed,
+            keep_tokens=spec.sampling.logprobs is not None,
         )
 
     def redraw(self, n: int, round: int) -> Draw:
@@ -303,7 +307,8 @@ async def draw_checked(
 ) -> EngineResult:
     """Draw a row's answers, check them, and draw again the ones that fail.
 
-    Without a response this is one draw, as before typed answers. With one, every answer
+    Without a response this is one draw of ``policy.n`` answers, returned as they are.
+    With one, every answer
     must pass ``response.check``; a failing one is drawn again up to ``max_resamples``
     times, and if some still fails the row is a ``SchemaViolation`` carrying the last bad
     answer and its reason. All tokens of the answers thrown away are counted, so the ledger
@@ -369,7 +374,7 @@ def _result(
         raise RuntimeError("the engine returned no answer")
     if not policy.keep_tokens:
         for s in samples:
-            s.tokens = None  # token traces are large; the check has used them
+            s.tokens = s.top = None  # token traces are large; the check has used them
     first = samples[0]
     return EngineResult(
         key=key,

@@ -33,6 +33,14 @@ a logprob from a hash, so confidences vary by row. An answer longer than
   prompt contains the text is cut off on its first ``violate_draws`` draws (counted per row
   key and prompt, per engine), so a test can get "valid after 1 re-sample".
 - ``regex_answer`` (str): the answer of a ``response.regex`` job (a regex cannot be inverted).
+- ``reasoning`` (bool, default false): the model "thinks" first: every answer is generated as
+  ``<think>fake</think>`` + the answer, and the thinking is split off into
+  ``Sample.reasoning`` (its 3 pseudo-tokens count as output tokens), as vLLM's reasoning
+  parser does.
+
+``sampling.n`` gives n answers per row (``EngineResult.samples``); at temperature > 0 each
+differs. ``sampling.logprobs: k`` keeps a deterministic logprob per generated token in
+``Sample.tokens`` and k candidates per token in ``Sample.top`` (the sampled one first).
 
 ``sampling.temperature`` > 0 makes generated text random: its last word is replaced by a
 random one on every attempt (token counts unchanged), so a test can tell attempts apart.
@@ -104,6 +112,8 @@ class FakeEngine:
         draws = opts.get("violate_draws")
         self.violate_draws = None if draws is None else int(draws)
         self.regex_answer = opts.get("regex_answer")
+        self.reasoning = bool(opts.get("reasoning", False))
+        self.top_k = spec.sampling.logprobs or 0
         self._violated: dict[tuple[int, str], int] = {}  # draws cut so far, per row
         self.aborted: list[int] = []
         self._stuck = False
@@ -155,6 +165,22 @@ class FakeEngine:
             return EngineResult(
                 key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
             )
+        samples = [self._plain(prompt) for _ in range(self.policy.n)]
+        first = samples[0]
+        if not self.policy.keep_tokens:
+            for sample in samples:
+                sample.tokens = sample.top = None
+        return EngineResult(
+            key=req.key,
+            text=first.text,
+            finish_reason=first.finish_reason,
+            input_tokens=n_in,
+            output_tokens=sum(sample.output_tokens for sample in samples),
+            samples=samples,
+        )
+
+    def _plain(self, prompt: str) -> Sample:
+        """A plain-text answer: the prompt's first words (one pseudo-token per word)."""
         words = prompt.split()
         n_out = (
             self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
@@ -162,10 +188,28 @@ class FakeEngine:
         out = (words * (n_out // max(1, len(words)) + 1))[:n_out]
         if self.temperature > 0 and out:
             out[-1] = f"~{_rng.getrandbits(40):010x}"  # sampling: differs on every attempt
-        text = " ".join(out)
+        pieces = [w if i == 0 else f" {w}" for i, w in enumerate(out)]
         reason = "length" if n_out == self.max_tokens else "stop"
-        return EngineResult(
-            key=req.key, text=text, finish_reason=reason, input_tokens=n_in, output_tokens=n_out
+        return self._sample(prompt, pieces, reason, n_out)
+
+    def _sample(self, salt: str, pieces: list[str], reason: str, output_tokens: int) -> Sample:
+        """A Sample over pseudo-tokens, with the thinking first when ``reasoning`` is set."""
+        thinking = ["<think>", "fake", "</think>"] if self.reasoning else []
+        every = thinking + pieces
+        tokens = [(i, p, _logprob(salt, p, i)) for i, p in enumerate(every)]
+        top = None
+        if self.top_k:
+            top = [_candidates(t, self.top_k) for t in tokens]
+        text = "".join(pieces)
+        return Sample(
+            text=text,
+            finish_reason=reason,
+            output_tokens=output_tokens + len(thinking),
+            reasoning="fake" if self.reasoning else None,
+            cumulative_logprob=sum(lp for _, _, lp in tokens),
+            tokens=tokens,
+            top=top,
+            offset=sum(len(p) for p in thinking),
         )
 
     async def _typed(self, req: EngineRequest, prompt: str, response: Response) -> EngineResult:
@@ -201,14 +245,8 @@ class FakeEngine:
             pieces = pieces[: self.max_tokens]
             reason = "length"
         salt = f"{prompt}:{pick}"  # a row's confidence is its own
-        tokens = [(i, p, _logprob(salt, p, i)) for i, p in enumerate(pieces)]
-        return Sample(
-            text="".join(pieces),
-            finish_reason=reason,
-            output_tokens=self.max_tokens if reason == "length" else max(1, len(pieces)),
-            cumulative_logprob=sum(lp for _, _, lp in tokens),
-            tokens=tokens,
-        )
+        n_out = self.max_tokens if reason == "length" else max(1, len(pieces))
+        return self._sample(salt, pieces, reason, n_out)
 
     def _violates(self, req: EngineRequest, prompt: str) -> bool:
         if self.violation_rate and _rng.random() < self.violation_rate:
@@ -268,6 +306,13 @@ def _logprob(salt: str, piece: str, index: int) -> float:
     """A deterministic logprob in [-1.5, 0] for a pseudo-token."""
     digest = hashlib.sha256(f"{salt}:{index}:{piece}".encode()).digest()
     return -1.5 * digest[0] / 255
+
+
+def _candidates(token: tuple[int, str, float], k: int) -> list[tuple[int, str, float]]:
+    """k fake candidates for one position, best first: the sampled token, then worse ones."""
+    tid, text, lp = token
+    alternatives = [(100_000 + j, f"{text}~{j}", lp - 0.5 * j) for j in range(1, k)]
+    return [(tid, text, lp), *alternatives]
 
 
 def _prompt_text(req: EngineRequest) -> str:

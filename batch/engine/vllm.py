@@ -40,6 +40,7 @@ from batch.engine import (
     run_watched,
 )
 from batch.errors import ConfigurationError
+from batch.prompt import chat_token_ids
 from batch.response import Response
 
 if TYPE_CHECKING:
@@ -91,7 +92,9 @@ def sampling_kwargs(spec: JobSpec) -> dict[str, Any]:
         repetition_penalty=s.repetition_penalty,
         **s.extra_args,
     )
-    if spec.response is not None and Response.from_spec(spec.response).wants_logprobs():
+    if s.logprobs is not None:
+        kwargs["logprobs"] = s.logprobs
+    elif spec.response is not None and Response.from_spec(spec.response).wants_logprobs():
         kwargs.setdefault("logprobs", 0)
     return kwargs
 
@@ -145,6 +148,18 @@ class VLLMEngine:
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self._ids = itertools.count()
         self._policy = ResamplePolicy.from_spec(spec)
+        self._chat_template_kwargs: dict[str, Any] = dict(spec.prompt.chat_template_kwargs)
+        self._top_k = spec.sampling.logprobs or 0
+        self._reasoning: Any = None
+        self._gen_kwargs: dict[str, Any] = {}
+        parser = spec.model.engine_args.get("reasoning_parser")
+        if parser and self.task == "generate":
+            self._reasoning = _reasoning_parser(
+                str(parser), self._tokenizer, self._chat_template_kwargs
+            )
+            self._gen_kwargs = {
+                "reasoning_parser_kwargs": {"chat_template_kwargs": self._chat_template_kwargs}
+            }
         if self.task == "generate":
             self._sampling_params: Any = vllm.SamplingParams
             self._structured_params: Any = StructuredOutputsParams
@@ -266,23 +281,23 @@ class VLLMEngine:
                 rid, params = f"{request_id}.s{d.round}", self._draw_params(d)
                 live.append(rid)
             final: Any = None
-            async for out in self._engine.generate(prompt, params, rid):
+            async for out in self._engine.generate(prompt, params, rid, **self._gen_kwargs):
                 final = out
                 self._watchdog.progress()
             if final is None:
                 raise RuntimeError("vLLM returned no output")
-            return len(ids), [_sample(c) for c in final.outputs[: d.n]]
+            samples = [_sample(c, self._top_k) for c in final.outputs[: d.n]]
+            if self._reasoning is not None:
+                for sample in samples:
+                    _split_reasoning(self._reasoning, sample)
+            return len(ids), samples
 
         return await draw_checked(key, draw, self._response, self._policy)
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:
-            # Render the model's chat template to text, then tokenize once; the template
-            # already holds the special tokens, so none are added again.
-            text = self._tokenizer.apply_chat_template(
-                list(req.messages), tokenize=False, add_generation_prompt=True
-            )
-            return list(self._tokenizer.encode(str(text), add_special_tokens=False))
+            # The chat template rendered and tokenized once, as plan counts it.
+            return chat_token_ids(self._tokenizer, req.messages, self._chat_template_kwargs)
         return list(self._tokenizer.encode(req.text or ""))
 
     def healthy(self) -> bool:
@@ -303,26 +318,74 @@ class VLLMEngine:
             _terminate(self._processes)
 
 
-def _sample(c: Any) -> Sample:
-    """One vLLM ``CompletionOutput`` as a Sample. With ``logprobs=0`` each position's dict
-    holds the sampled token (vLLM puts it first), so its logprob is the sampled one's."""
+def _sample(c: Any, top_k: int = 0) -> Sample:
+    """One vLLM ``CompletionOutput`` as a Sample. Each position's logprob dict holds the
+    sampled token (vLLM puts it in), so its logprob is the sampled one's; with
+    ``logprobs=k`` it also holds the k best candidates, kept in ``top`` by rank."""
     tokens: list[tuple[int, str, float]] | None = None
+    top: list[list[tuple[int, str, float]]] | None = None
     logprobs = getattr(c, "logprobs", None)  # None unless SamplingParams.logprobs is set
     if logprobs is not None:
         tokens = []
+        top = [] if top_k > 0 else None
         for tid, position in zip(c.token_ids, logprobs, strict=False):
             lp = position.get(tid)
             if lp is None:  # no trace to align: the confidence becomes None
-                tokens = None
+                tokens, top = None, None
                 break
             tokens.append((int(tid), lp.decoded_token or "", float(lp.logprob)))
+            if top is not None:
+                ranked = sorted(position.items(), key=lambda kv: _rank(kv[1]))[:top_k]
+                top.append([(int(t), x.decoded_token or "", float(x.logprob)) for t, x in ranked])
     return Sample(
         text=c.text,
         finish_reason=str(c.finish_reason),
         output_tokens=len(c.token_ids),
         cumulative_logprob=getattr(c, "cumulative_logprob", None),
         tokens=tokens,
+        top=top,
     )
+
+
+def _rank(lp: Any) -> int:
+    rank = getattr(lp, "rank", None)
+    return 1 << 30 if rank is None else int(rank)
+
+
+def _reasoning_parser(name: str, tokenizer: Any, chat_template_kwargs: dict[str, Any]) -> Any:
+    """vLLM's reasoning parser ``name`` (model.engine_args.reasoning_parser), built once."""
+    try:
+        from vllm.reasoning import ReasoningParserManager
+
+        cls = ReasoningParserManager.get_reasoning_parser(name)
+        try:
+            return cls(tokenizer, chat_template_kwargs=chat_template_kwargs)
+        except TypeError:  # parsers that take no template kwargs
+            return cls(tokenizer)
+    except Exception as exc:
+        raise ConfigurationError(
+            f"model.engine_args.reasoning_parser: vLLM has no usable parser {name!r} ({exc}); "
+            "set it to one vLLM lists (vllm serve --help), or remove it"
+        ) from exc
+
+
+def _split_reasoning(parser: Any, sample: Sample) -> None:
+    """Move the model's thinking out of ``sample.text`` into ``sample.reasoning``.
+
+    A parser that fails leaves the whole text as the answer (logged): the check then
+    judges the full text, which is the honest outcome.
+    """
+    text = sample.text
+    try:
+        reasoning, content = parser.extract_reasoning(text, None)
+    except Exception as exc:
+        log.warning("reasoning parser failed; keeping the whole text as the answer: %s", exc)
+        return
+    content = content or ""
+    sample.reasoning = reasoning
+    sample.text = content
+    # exact when the answer is the text's tail (it is, after the end-of-thinking token)
+    sample.offset = max(0, len(text) - len(content))
 
 
 def _descendants() -> list[Any]:

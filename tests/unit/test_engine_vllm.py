@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from batch.engine import Draw, EngineHung, EngineRequest, EngineResult, ResamplePolicy, Watchdog
-from batch.engine.vllm import VLLMEngine, engine_arguments, sampling_kwargs
+from batch.engine.vllm import VLLMEngine, _sample, engine_arguments, sampling_kwargs
 from batch.errors import ConfigurationError
 from batch.response import Response
 from batch.spec import JobSpec, parse_spec
@@ -79,6 +79,10 @@ def engine(tokenizer: Any, llm: Any, spec: JobSpec | None = None) -> VLLMEngine:
     e._sampling_params = StubSamplingParams
     e._structured_params = SimpleNamespace
     e._final_only = "FINAL_ONLY"
+    e._chat_template_kwargs = dict(spec.prompt.chat_template_kwargs) if spec else {}
+    e._top_k = int(spec.sampling.logprobs or 0) if spec else 0
+    e._reasoning = None
+    e._gen_kwargs = {}
     if spec is None:
         e._response = None
         e._policy = ResamplePolicy(1, 0, 0.0, 0.8, None)
@@ -88,7 +92,7 @@ def engine(tokenizer: Any, llm: Any, spec: JobSpec | None = None) -> VLLMEngine:
         e._response = Response.from_spec(spec.response) if spec.response else None
         e._policy = ResamplePolicy.from_spec(spec)
         e._kwargs = sampling_kwargs(spec)
-        e._params = e._draw_params(Draw(n=1))
+        e._params = e._draw_params(Draw(n=e._policy.n))
     return e
 
 
@@ -463,3 +467,207 @@ def test_a_schema_vllm_refuses_or_an_answer_that_cannot_fit_fails_at_engine_star
     e._sampling_params = StubSamplingParams
     with pytest.raises(ConfigurationError, match=r"sampling.max_tokens to at least 38"):
         e._verify(KeyError, 20)
+
+
+# ---------------------------------------------------------------- n > 1, logprobs, reasoning
+
+
+def lp(logprob: float, rank: int, token: str) -> Any:
+    return SimpleNamespace(logprob=logprob, rank=rank, decoded_token=token)
+
+
+class ManyAsyncLLM:
+    """Answers each draw of a request with one output per text in its script."""
+
+    def __init__(self, answers: dict[str, list[list[str]]], slow: bool = False) -> None:
+        self.answers = answers
+        self.calls: list[tuple[str, Any, dict[str, Any]]] = []
+        self.errored = False
+        self.running: set[str] = set()
+        self.aborted: list[str] = []
+        self.slow = slow
+
+    async def generate(
+        self, prompt: Any, params: Any, request_id: str, **kw: Any
+    ) -> AsyncIterator[Any]:
+        self.calls.append((request_id, params, kw))
+        base, _, draw = request_id.partition(".s")
+        self.running.add(request_id)
+        try:
+            if self.slow:
+                await asyncio.Event().wait()
+            texts = self.answers[base][int(draw or 0)]
+            yield SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        text=t,
+                        finish_reason="stop",
+                        token_ids=[1] * len(t),
+                        cumulative_logprob=-0.1,
+                        logprobs=None,
+                    )
+                    for t in texts
+                ]
+            )
+        finally:
+            self.running.discard(request_id)
+
+    async def abort(self, request_ids: Any) -> None:
+        self.aborted.extend(request_ids)
+        self.running.difference_update(request_ids)
+
+
+def test_n_samples_per_row_and_a_resample_asks_only_for_the_missing_ones() -> None:
+    llm = ManyAsyncLLM({"r0": [["positive", "maybe", "negative"], ["mixed"]]})
+    spec = job(CHOICE, **{"sampling.n": "3", "sampling.temperature": "0.7"})
+    (result,) = asyncio.run(engine(WordTokenizer(), llm, spec).run(rows("meh")))
+    assert [(rid, p.kwargs.get("n", 1)) for rid, p, _ in llm.calls] == [("r0", 3), ("r0.s1", 1)]
+    assert result.error_kind is None and result.resamples == 1
+    # every slot keeps its place: the re-sampled answer fills the one that failed
+    assert [s.values for s in result.samples] == [
+        {"label": "positive"},
+        {"label": "mixed"},
+        {"label": "negative"},
+    ]
+    assert result.output_tokens == len("positive") + len("mixed") + len("negative")
+    assert result.discarded_output_tokens == len("maybe")
+
+
+def test_one_sample_still_invalid_makes_the_whole_row_a_schema_violation() -> None:
+    llm = ManyAsyncLLM({"r0": [["positive", "maybe"], ["nope"], ["nah"]]})
+    spec = job(CHOICE, **{"sampling.n": "2", "sampling.temperature": "0.7"})
+    (result,) = asyncio.run(engine(WordTokenizer(), llm, spec).run(rows("meh")))
+    assert result.error_kind == "SchemaViolation" and result.text == "nah"
+    assert result.samples == [] and result.values is None
+    # the valid answer is paid for too
+    assert result.discarded_output_tokens == len("maybe") + 4 + 3 + len("positive")
+
+
+def test_without_response_n_samples_come_back_as_they_are() -> None:
+    llm = ManyAsyncLLM({"r0": [["one answer", "another"]]})
+    spec = job(**{"sampling.n": "2", "sampling.temperature": "0.7"})
+    (result,) = asyncio.run(engine(WordTokenizer(), llm, spec).run(rows("meh")))
+    assert [s.text for s in result.samples] == ["one answer", "another"]
+    assert result.text == "one answer" and result.output_tokens == 10 + 7
+    assert llm.calls[0][1].kwargs["n"] == 2 and "logprobs" not in llm.calls[0][1].kwargs
+
+
+def test_cancelling_a_chunk_of_n_sample_rows_aborts_every_request() -> None:
+    llm = ManyAsyncLLM({"r0": [["a", "b"]], "r1": [["c", "d"]]}, slow=True)
+    spec = job(**{"sampling.n": "2", "sampling.temperature": "0.7"})
+    e = engine(WordTokenizer(), llm, spec)
+
+    async def go() -> None:
+        task = asyncio.ensure_future(e.run(rows("x", "y")))
+        await asyncio.sleep(0.05)
+        assert llm.running == {"r0", "r1"}
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        assert sorted(llm.aborted) == ["r0", "r1"] and llm.running == set()
+
+    asyncio.run(go())
+
+
+def test_sampling_logprobs_are_asked_for_and_kept_per_token_sorted_by_rank() -> None:
+    spec = job(**{"sampling.logprobs": "2"})
+    assert sampling_kwargs(spec)["logprobs"] == 2
+    assert sampling_kwargs(job(CHOICE, **{"sampling.logprobs": "3"}))["logprobs"] == 3
+    output = SimpleNamespace(
+        text="Hi!",
+        finish_reason="stop",
+        token_ids=[5, 9],
+        cumulative_logprob=-1.5,
+        # the sampled token 9 is not in the top 2 at the second position (rank 3)
+        logprobs=[
+            {7: lp(-2.0, 2, "Yo"), 5: lp(-0.2, 1, "Hi")},
+            {9: lp(-1.3, 3, "!"), 4: lp(-0.9, 2, "."), 3: lp(-0.6, 1, "?")},
+        ],
+    )
+    s = _sample(output, top_k=2)
+    assert s.tokens == [(5, "Hi", -0.2), (9, "!", -1.3)]
+    assert s.top == [[(5, "Hi", -0.2), (7, "Yo", -2.0)], [(3, "?", -0.6), (4, ".", -0.9)]]
+    assert _sample(output).top is None  # logprobs=0 (confidence only): no candidates
+
+
+def test_kept_logprobs_survive_into_the_result_and_are_dropped_otherwise() -> None:
+    class LogprobLLM(ManyAsyncLLM):
+        async def generate(
+            self, prompt: Any, params: Any, request_id: str, **kw: Any
+        ) -> AsyncIterator[Any]:
+            yield SimpleNamespace(
+                outputs=[
+                    SimpleNamespace(
+                        text="positive",
+                        finish_reason="stop",
+                        token_ids=[1],
+                        cumulative_logprob=-0.1,
+                        logprobs=[{1: lp(-0.1, 1, "positive"), 2: lp(-2.4, 2, "negative")}],
+                    )
+                ]
+            )
+
+    kept = job(CHOICE, **{"sampling.logprobs": "2"})
+    (r,) = asyncio.run(engine(WordTokenizer(), LogprobLLM({}), kept).run(rows("x")))
+    assert r.samples[0].tokens == [(1, "positive", -0.1)]
+    assert r.samples[0].top == [[(1, "positive", -0.1), (2, "negative", -2.4)]]
+    (r,) = asyncio.run(engine(WordTokenizer(), LogprobLLM({}), job(CHOICE)).run(rows("x")))
+    assert r.samples[0].tokens is None and r.samples[0].top is None
+
+
+class TemplateTokenizer(WordTokenizer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.kwargs: list[dict[str, Any]] = []
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kw: Any) -> str:
+        self.kwargs.append(kw)
+        return " ".join(m["content"] for m in messages)
+
+
+def test_the_prompt_is_rendered_with_prompt_chat_template_kwargs() -> None:
+    tok = TemplateTokenizer()
+    spec = job(**{"prompt.chat_template_kwargs": "{enable_thinking: false}"})
+    llm = ManyAsyncLLM({"r0": [["ok"]]})
+    asyncio.run(engine(tok, llm, spec).run(rows("hello")))
+    assert tok.kwargs == [
+        {"tokenize": False, "add_generation_prompt": True, "enable_thinking": False}
+    ]
+    assert llm.calls[0][2] == {}  # no reasoning parser: generate gets no extra arguments
+
+
+class ThinkParser:
+    def extract_reasoning(self, text: str, request: Any) -> tuple[str | None, str | None]:
+        head, sep, tail = text.partition("</think>")
+        return (head.removeprefix("<think>"), tail) if sep else (None, text)
+
+
+class BrokenParser:
+    def extract_reasoning(self, text: str, request: Any) -> tuple[str | None, str | None]:
+        raise IndexError("no end token")
+
+
+def test_a_reasoning_parser_splits_the_thinking_from_the_checked_answer() -> None:
+    llm = ManyAsyncLLM({"r0": [["<think>it is good</think>positive"]]})
+    e = engine(WordTokenizer(), llm, job(CHOICE))
+    e._reasoning = ThinkParser()
+    e._gen_kwargs = {"reasoning_parser_kwargs": {"chat_template_kwargs": {}}}
+    (r,) = asyncio.run(e.run(rows("x")))
+    assert r.error_kind is None and r.values == {"label": "positive"} and r.text == "positive"
+    (s,) = r.samples
+    assert s.reasoning == "it is good" and s.offset == len("<think>it is good</think>")
+    assert s.output_tokens == len("<think>it is good</think>positive")
+    assert llm.calls[0][2] == {"reasoning_parser_kwargs": {"chat_template_kwargs": {}}}
+
+
+def test_a_failing_reasoning_parser_keeps_the_whole_text_and_warns(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    llm = ManyAsyncLLM({"r0": [["<think>hmm positive"]]})
+    e = engine(WordTokenizer(), llm, job())
+    e._reasoning = BrokenParser()
+    with caplog.at_level("WARNING", logger="batch.engine.vllm"):
+        (r,) = asyncio.run(e.run(rows("x")))
+    assert r.error_kind is None and r.text == "<think>hmm positive"
+    assert r.samples[0].reasoning is None and r.samples[0].offset == 0
+    assert "reasoning parser failed" in caplog.text
