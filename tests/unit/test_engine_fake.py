@@ -196,3 +196,53 @@ def test_without_response_no_typed_values_and_nothing_resampled() -> None:
     (r,) = run(FakeEngine(spec({"violation_rate": 1})), rows("the quick brown fox"))
     assert r.error_kind is None and r.text == "the quick"
     assert (r.values, r.resamples, r.discarded_output_tokens) == (None, 0, 0)
+
+
+# ---------------------------------------------------------------- n > 1, logprobs, reasoning
+
+
+def test_n_samples_per_row_differ_when_sampled_and_plain_rows_keep_their_text() -> None:
+    requests = rows("the quick brown fox jumps over the lazy dog")
+    (r,) = run(FakeEngine(spec({}, **{"sampling.n": "3", "sampling.temperature": "0.8"})), requests)
+    assert len(r.samples) == 3 and len({s.text for s in r.samples}) == 3
+    assert r.text == r.samples[0].text and r.output_tokens == 3 * 4
+    (one,) = run(FakeEngine(spec({})), requests)
+    assert one.text == "the quick brown fox" and len(one.samples) == 1
+    assert one.samples[0].tokens is None and one.samples[0].top is None
+
+
+def test_typed_n_samples_are_each_valid_and_a_cut_one_is_redrawn_alone() -> None:
+    hot = {"sampling.n": "3", "sampling.temperature": "0.8"}
+    engine = typed({"violate_on_text": "number 2 ", "violate_draws": 1}, **hot)
+    results = run(engine, rows(*REVIEWS[:4]))
+    assert all(r.error_kind is None and len(r.samples) == 3 for r in results)
+    assert all(s.values is not None for r in results for s in r.samples)
+    assert [r.resamples for r in results] == [0, 0, 1, 0]
+    assert results[2].discarded_output_tokens == 64  # only the one cut answer was thrown away
+    bad = typed({"violation_rate": 1}, **hot)
+    (r,) = run(bad, rows(REVIEWS[0]))
+    assert r.error_kind == "SchemaViolation" and r.samples == []
+
+
+def test_sampling_logprobs_gives_k_ranked_candidates_per_token() -> None:
+    (r,) = run(FakeEngine(spec({}, **{"sampling.logprobs": "3"})), rows("one two three four"))
+    (s,) = r.samples
+    assert s.tokens is not None and s.top is not None
+    assert "".join(t for _, t, _ in s.tokens) == r.text and len(s.top) == len(s.tokens) == 2
+    for token, candidates in zip(s.tokens, s.top, strict=True):
+        assert len(candidates) == 3 and candidates[0] == token
+        assert [c[2] for c in candidates] == sorted((c[2] for c in candidates), reverse=True)
+    (t,) = run(typed({}, **{"sampling.logprobs": "2"}), rows(REVIEWS[0]))
+    assert t.samples[0].top is not None and t.samples[0].tokens is not None
+
+
+def test_the_reasoning_option_splits_the_thinking_off_the_checked_answer() -> None:
+    (plain,) = run(FakeEngine(spec({"reasoning": True})), rows("one two three four"))
+    assert plain.text == "one two" and plain.samples[0].reasoning == "fake"
+    assert plain.output_tokens == 2 + 3  # the thinking is generated, so it is paid for
+    engine = typed({"reasoning": True}, "response: {choice: [keep, drop], column: answer}")
+    results = run(engine, rows(*REVIEWS[:8]))
+    assert all(r.error_kind is None and r.values for r in results)
+    assert all(r.text in ("keep", "drop") and r.samples[0].reasoning == "fake" for r in results)
+    confidences = [r.confidence["answer_confidence"] for r in results]
+    assert all(p is not None and 0 < p <= 1 for p in confidences)
