@@ -585,12 +585,23 @@ def plan_cmd(
         f"input tokens ~{doc['est_input_tokens']:,} ({doc['mean_input_tokens_per_row']} per row, "
         f"from {doc['sampled_rows']} rows tokenized); output tokens at most "
         f"{doc['est_output_tokens_max']:,}"
+        + (f" ({doc['samples_per_row']} samples per row)" if doc["samples_per_row"] > 1 else "")
     )
+    resp = doc.get("response")
+    if resp:
+        c.print(
+            f"typed answer ({resp['kind']}): {resp['instruction_tokens_per_row']} instruction "
+            f"tokens per row (in the input estimate), at least {resp['min_output_tokens_per_row']}"
+            f" output tokens per row; with up to {resp['max_resamples']} re-samples output "
+            f"tokens at worst {doc['est_output_tokens_worst']:,}"
+        )
     c.print(
         f"rows that would fail: ~{doc['est_failed_rows']:,} (in the sample: "
         f"{doc['sample_failed_rows']} unusable, {doc['sample_too_long_rows']} longer than the "
         f"{doc['context_length']:,}-token context)"
     )
+    for warning in doc.get("warnings", []):
+        c.print(f"[yellow]warning:[/yellow] {warning}", markup=True)
     m = doc.get("measured")
     if m:
         c.print(

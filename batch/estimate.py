@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from batch import plan as planning
 from batch.errors import RowError
+from batch.prompt import chat_token_ids
 from batch.spec import JobSpec
 
 
@@ -85,8 +86,7 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
         if isinstance(model_input, str):
             n = len(tok.encode(model_input))
         else:
-            text = tok.apply_chat_template(model_input, tokenize=False, add_generation_prompt=True)
-            n = len(tok.encode(str(text), add_special_tokens=False))
+            n = len(chat_token_ids(tok, model_input, spec.prompt.chat_template_kwargs))
         if n > context or (spec.model.task == "generate" and n >= context):
             too_long += 1
             continue
@@ -97,7 +97,9 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
     mean_in = statistics.fmean(lengths) if lengths else 0.0
     est_in = round(mean_in * rows_ok)
     max_out = spec.sampling.max_tokens if spec.model.task == "generate" else 0
-    est_out_bound = rows_ok * max_out
+    samples = spec.sampling.n if spec.model.task == "generate" else 1
+    est_out_bound = rows_ok * max_out * samples
+    response, warnings = response_plan(spec, tok)
     doc: dict[str, Any] = {
         "job": spec.name,
         "files": len(plan.files),
@@ -113,8 +115,13 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
         "mean_input_tokens_per_row": round(mean_in, 1),
         "est_output_tokens_max": est_out_bound,
         "est_output_tokens": est_out_bound,
+        "samples_per_row": samples,
         "measured": None,
+        "warnings": warnings,
     }
+    if response is not None:
+        doc["response"] = response
+        doc["est_output_tokens_worst"] = est_out_bound * (1 + response["max_resamples"])
     ledger_table = load_table(spec)
     rate, _ = price_rate(spec, ledger_table)
     doc["gpu_hour_usd"] = rate
@@ -148,6 +155,72 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
     doc["comparisons"] = comparisons
     doc["price_table_version"] = ledger_table.version
     return doc
+
+
+def response_plan(spec: JobSpec, tok: Any) -> tuple[dict[str, Any] | None, list[str]]:
+    """What a typed answer adds to the plan, and warnings about budgets that cannot work.
+
+    Returns ``(None, [])`` without ``response``. The instruction line is already in the
+    prompt (``prepare`` adds it), so its tokens are in the input estimate; they are listed
+    apart here so the cost of the format is visible.
+    """
+    if spec.response is None:
+        return None, []
+    from batch.response import Response
+
+    r = Response.from_spec(spec.response)
+    rs = spec.response
+    kind = next(
+        k for k in ("fields", "json_schema", "choice", "regex") if getattr(rs, k) is not None
+    )
+    instruction = len(tok.encode(r.instruction(), add_special_tokens=False)) if r.instruct else 0
+    skeleton = r.skeleton()
+    min_out = (len(tok.encode(skeleton, add_special_tokens=False)) if skeleton else 0) + 1
+    doc = {
+        "kind": kind,
+        "instruction_tokens_per_row": instruction,
+        "min_output_tokens_per_row": min_out,
+        "max_resamples": rs.max_resamples,
+    }
+    warnings: list[str] = []
+    max_tokens = spec.sampling.max_tokens
+    if min_out > max_tokens:
+        warnings.append(
+            f"the shortest valid answer takes {min_out} tokens but sampling.max_tokens is "
+            f"{max_tokens}: every row would fail as SchemaViolation; raise sampling.max_tokens "
+            f"to at least {min_out}"
+        )
+    unbounded = _unbounded_strings(r.schema) if r.schema is not None else []
+    if unbounded and max_tokens < 64:
+        warnings.append(
+            f"string fields without maxLength ({', '.join(unbounded)}) with sampling.max_tokens "
+            f"{max_tokens}: answers may be cut off and fail as SchemaViolation; bound them with "
+            "maxLength or raise sampling.max_tokens"
+        )
+    return doc, warnings
+
+
+def _unbounded_strings(schema: dict[str, Any], prefix: str = "") -> list[str]:
+    """Paths of string fields with no maxLength, enum or pattern (free text of any length)."""
+    found: list[str] = []
+    for key, node in (schema.get("properties") or {}).items():
+        path = f"{prefix}{key}"
+        t = node.get("type")
+        types = t if isinstance(t, list) else [t]
+        if "string" in types and not ({"maxLength", "enum", "pattern"} & set(node)):
+            found.append(path)
+        elif "object" in types:
+            found += _unbounded_strings(node, f"{path}.")
+        elif "array" in types and isinstance(node.get("items"), dict):
+            item = node["items"]
+            item_types = (
+                item.get("type") if isinstance(item.get("type"), list) else [item.get("type")]
+            )
+            if "string" in item_types and not ({"maxLength", "enum", "pattern"} & set(item)):
+                found.append(f"{path}[]")
+            elif "object" in item_types:
+                found += _unbounded_strings(item, f"{path}[].")
+    return found
 
 
 def _measure(spec: JobSpec, plan: planning.Plan, n: int) -> dict[str, Any]:

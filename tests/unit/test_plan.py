@@ -97,3 +97,146 @@ def test_no_input_files_is_a_clear_error(tmp_path: Path) -> None:
     spec = spec_for(tmp_path / "empty", tmp_path / "out")
     with pytest.raises(SpecError, match="no Parquet files"):
         make_plan(spec)
+
+
+# --------------------------------------------------------------------------- plan estimate
+
+
+class WordTokenizer:
+    """One token per whitespace-separated word; records the chat template's keyword arguments."""
+
+    model_max_length = 4096
+
+    def __init__(self) -> None:
+        self.chat_kwargs: list[dict[str, object]] = []
+
+    def apply_chat_template(self, messages: list[dict[str, str]], **kw: object) -> str:
+        self.chat_kwargs.append(kw)
+        extra = " thinking-off" if kw.get("enable_thinking") is False else ""
+        return "<s> " + " ".join(m["content"] for m in messages) + extra + " </s>"
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return [len(w) for w in text.split()] + ([0] if add_special_tokens else [])
+
+
+def test_chat_token_ids_passes_the_template_kwargs_and_adds_no_special_tokens() -> None:
+    from batch.prompt import chat_token_ids
+
+    tok = WordTokenizer()
+    msgs = [{"role": "user", "content": "hello there"}]
+    assert chat_token_ids(tok, msgs, {}) == [3, 5, 5, 4]
+    assert tok.chat_kwargs[-1] == {"tokenize": False, "add_generation_prompt": True}
+    assert len(chat_token_ids(tok, msgs, {"enable_thinking": False})) == 5
+    assert tok.chat_kwargs[-1]["enable_thinking"] is False
+
+
+def _estimate(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path, *sets: str
+) -> tuple[dict[str, object], WordTokenizer]:
+    import batch.estimate as estimate_mod
+    import batch.models
+
+    tok = WordTokenizer()
+    monkeypatch.setattr(estimate_mod, "_tokenizer", lambda _dir: tok)
+    monkeypatch.setattr(batch.models, "resolve_model", lambda path: str(tmp_path))
+    text = f"""
+name: t
+input: {{path: "{reviews}", id_column: review_id}}
+output: {{path: "{tmp_path / "out"}"}}
+model: {{path: m, engine: fake}}
+prompt: {{template: "{{{{ body }}}}"}}
+sampling: {{max_tokens: 40}}
+resources: {{rows_per_chunk: 10}}
+"""
+    spec = parse_spec(text, overrides=sets)
+    return estimate_mod.estimate(spec, sample=8), tok
+
+
+def test_plan_without_response_is_as_before(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    doc, _ = _estimate(monkeypatch, reviews, tmp_path)
+    rows_ok = doc["rows"] - doc["est_failed_rows"]  # type: ignore[operator]
+    assert doc["est_output_tokens_max"] == rows_ok * 40
+    assert "response" not in doc and "est_output_tokens_worst" not in doc
+    assert doc["warnings"] == []
+
+
+def test_plan_multiplies_the_output_bound_by_n(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    doc, _ = _estimate(monkeypatch, reviews, tmp_path, "sampling.n=3", "sampling.temperature=0.7")
+    plain, _ = _estimate(monkeypatch, reviews, tmp_path)
+    assert doc["est_output_tokens_max"] == plain["est_output_tokens_max"] * 3  # type: ignore[operator]
+
+
+def test_plan_tokenizes_with_the_chat_template_kwargs(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    plain, _ = _estimate(monkeypatch, reviews, tmp_path)
+    doc, tok = _estimate(
+        monkeypatch, reviews, tmp_path, "prompt.chat_template_kwargs.enable_thinking=false"
+    )
+    assert all(kw.get("enable_thinking") is False for kw in tok.chat_kwargs)
+    assert doc["mean_input_tokens_per_row"] == plain["mean_input_tokens_per_row"] + 1  # type: ignore[operator]
+
+
+TYPED = (
+    "response.fields={sentiment: [positive, negative, mixed], "
+    "summary: {type: string, maxLength: 160}, stars: int}"
+)
+
+
+def test_plan_accounts_for_a_typed_answer(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    plain, _ = _estimate(monkeypatch, reviews, tmp_path)
+    doc, _ = _estimate(monkeypatch, reviews, tmp_path, TYPED)
+    resp = doc["response"]
+    assert isinstance(resp, dict)
+    assert resp["kind"] == "fields" and resp["max_resamples"] == 2
+    assert resp["instruction_tokens_per_row"] > 5
+    # the instruction is on the user message, so it is in the input estimate
+    assert doc["mean_input_tokens_per_row"] > plain["mean_input_tokens_per_row"]  # type: ignore[operator]
+    assert resp["min_output_tokens_per_row"] >= 2  # the skeleton plus EOS
+    assert doc["est_output_tokens_worst"] == plain["est_output_tokens_max"] * 3  # type: ignore[operator]
+    assert doc["warnings"] == []
+
+
+def test_plan_warns_when_no_answer_fits_max_tokens(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    from batch.estimate import response_plan
+
+    spec = parse_spec(
+        "name: t\ninput: {path: x}\noutput: {path: y}\nmodel: {path: m, engine: fake}\n"
+        "prompt: {template: '{{ body }}'}\nsampling: {max_tokens: 1}\n",
+        overrides=(
+            "response.json_schema={type: object, properties: "
+            "{a: {type: string, maxLength: 5}, b: {type: integer}, c: {type: integer}}}",
+        ),
+    )
+    tok = WordTokenizer()
+    skeleton_tokens = len(tok.encode('{"a":"","b":0,"c":0}', add_special_tokens=False))
+    resp, warnings = response_plan(spec, tok)
+    assert resp is not None and resp["min_output_tokens_per_row"] == skeleton_tokens + 1
+    assert len(warnings) == 1
+    assert "every row would fail as SchemaViolation" in warnings[0]
+    assert f"raise sampling.max_tokens to at least {skeleton_tokens + 1}" in warnings[0]
+
+
+def test_plan_warns_about_unbounded_strings_with_few_tokens(
+    monkeypatch: pytest.MonkeyPatch, reviews: Path, tmp_path: Path
+) -> None:
+    from batch.estimate import response_plan
+
+    base = (
+        "name: t\ninput: {path: x}\noutput: {path: y}\nmodel: {path: m, engine: fake}\n"
+        "prompt: {template: '{{ body }}'}\nsampling: {max_tokens: 32}\n"
+    )
+    fields = "response.fields={summary: str, tags: [str], who: {name: str}, label: [a, b]}"
+    _, warnings = response_plan(parse_spec(base, overrides=(fields,)), WordTokenizer())
+    assert len(warnings) == 1
+    assert "string fields without maxLength (summary, tags[], who.name)" in warnings[0]
+    many = parse_spec(base, overrides=(fields, "sampling.max_tokens=256"))
+    assert response_plan(many, WordTokenizer())[1] == []
