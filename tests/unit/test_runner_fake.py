@@ -511,3 +511,38 @@ def test_without_response_parts_markers_and_ledger_are_as_before(
     assert all("resamples" not in m and "schema_violations" not in m for m in _markers(out))
     ledger = json.loads((out / "ledger.json").read_text())
     assert "resamples" not in ledger and "generated_output_tokens" not in ledger
+
+
+def test_n_2_job_gives_lists_of_two_answers_with_logprobs_and_reasoning(
+    reviews: Path, tmp_path: Path
+) -> None:
+    from pipelines import load_pipeline
+
+    out = tmp_path / "out"
+    spec = typed_job(reviews, out, **{
+        "sampling": "{n: 2, temperature: 0.7, logprobs: 2, max_tokens: 200}",
+        "model.fake_options": "{max_model_len: 400, reasoning: true}",
+    })  # fmt: skip
+    run_job(spec, NullReporter())
+    _ids_once(out, reviews)
+    inputs = pq.read_schema(next(reviews.glob("*.parquet")))
+    assert _same_schema(out / "data", pa.schema([*inputs, *load_pipeline(spec).output_schema()]))
+    data = read_dir(out / "data")
+    assert data.num_rows == 92
+    per_answer = ["generated_text", "finish_reason", "sentiment", "summary", "stars", "tags",
+                  "sentiment_confidence", "reasoning", "logprobs"]  # fmt: skip
+    for row in data.to_pylist():
+        assert all(len(row[c]) == 2 for c in per_answer), row["review_id"]
+        assert isinstance(row["output_tokens"], int) and isinstance(row["resamples"], int)
+        assert set(row["sentiment"]) <= {"positive", "negative", "mixed"}
+        assert row["reasoning"] == ["fake", "fake"]
+        for trace in row["logprobs"]:
+            assert trace and all(1 <= len(t["top"]) <= 3 for t in trace)
+    _rebuilt_rows_validate(
+        pa.Table.from_pylist([
+            {k: row[k][i] for k in ("sentiment", "summary", "stars", "tags")}
+            for row in data.to_pylist() for i in range(2)
+        ])
+    )  # fmt: skip
+    ledger = json.loads((out / "ledger.json").read_text())
+    assert ledger["output_tokens"] == sum(data["output_tokens"].to_pylist())
