@@ -31,21 +31,22 @@ def rows(*texts: str) -> list[EngineRequest]:
     ]
 
 
-def test_real_vllm_row_errors_aborts_and_hangs(demo_models: dict[str, Path]) -> None:
-    from batch.engine.vllm import VLLMEngine
-
-    args = {"max_model_len": 1024, "enforce_eager": True, "dtype": "bfloat16"}
-    spec = parse_spec(
-        f"""
+ARGS = {"max_model_len": 1024, "enforce_eager": True, "dtype": "bfloat16"}
+SPEC = f"""
 name: engine-rows
 input: {{path: /unused}}
 output: {{path: /unused-out}}
-model: {{path: m, engine_args: {json.dumps(args)}}}
+model: {{path: m, engine_args: {json.dumps(ARGS)}}}
 prompt: {{template: "{{{{ text }}}}"}}
 sampling: {{max_tokens: 8}}
 resources: {{chunk_timeout_s: null}}
 """
-    )
+
+
+def test_real_vllm_row_errors_aborts_and_hangs(demo_models: dict[str, Path]) -> None:
+    from batch.engine.vllm import VLLMEngine
+
+    spec = parse_spec(SPEC)
     engine = VLLMEngine(spec, str(demo_models["smollm2-135m-instruct"]))
     llm = engine._engine
     try:
@@ -56,6 +57,8 @@ resources: {{chunk_timeout_s: null}}
 
 
 async def scenario(engine: Any, llm: Any) -> None:
+    from batch.engine.vllm import sampling_kwargs
+
     # A row whose token ids vLLM rejects (out of vocabulary): that row's error only.
     tokenize = engine._tokenize
 
@@ -69,6 +72,33 @@ async def scenario(engine: Any, llm: Any) -> None:
     assert "vocabulary" in (results[1].error or "")
     assert results[0].output_tokens > 0 and results[2].output_tokens > 0
     assert engine.healthy()
+    engine._tokenize = tokenize
+
+    # sampling.n: 2 at temperature 0.7 gives two answers per row; cancelling such a chunk
+    # leaves none of vLLM's per-sample child requests behind.
+    first = engine._params, engine._policy, engine._kwargs
+    two = parse_spec(
+        SPEC.replace("max_tokens: 8", "max_tokens: 16, n: 2, temperature: 0.7, seed: 3")
+    )
+    engine._policy = ResamplePolicy.from_spec(two)
+    engine._kwargs = sampling_kwargs(two)
+    engine._params = engine._draw_params(Draw(n=2))
+    results = await engine.run(rows("Name a fruit.", "Name a city."))
+    assert all(r.error_kind is None and len(r.samples) == 2 for r in results)
+    assert all(s.text and s.output_tokens > 0 for r in results for s in r.samples)
+    assert any(r.samples[0].text != r.samples[1].text for r in results)
+    assert all(r.output_tokens == sum(s.output_tokens for s in r.samples) for r in results)
+    engine._params.max_tokens = 900
+    engine._params.ignore_eos = True
+    task = asyncio.ensure_future(engine.run(rows("Tell a long story.", "Write a long poem.")))
+    await asyncio.sleep(1.0)
+    assert not task.done()
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await asyncio.sleep(0.5)
+    assert llm.output_processor.get_num_unfinished_requests() == 0
+    engine._params, engine._policy, engine._kwargs = first
 
     # Long generations from here on, so a chunk is still running when it is stopped.
     engine._params.max_tokens = 900
