@@ -2,15 +2,19 @@
 point, resume until done, and check the output store's promise on a real S3 server.
 
 The engine is the fake (speed is not the point here; the commit protocol is), with sampling
-at temperature > 0 (two attempts at a chunk give different texts) and rows that fail at
-random (two attempts split a chunk's rows differently between data/ and _failed/): the
-interleavings the protocol was not designed around. Storage is SeaweedFS, Ray is real.
+at temperature > 0 (two attempts at a chunk give different texts), rows that fail at random
+(two attempts split a chunk's rows differently between data/ and _failed/) and typed answers
+cut off at random (every attempt re-samples different rows, and a few end as
+SchemaViolation): the interleavings the protocol was not designed around. Storage is
+SeaweedFS, Ray is real.
 
 After the final run:
 - every input id is exactly once across data/ + _failed/ read as folders, and through the
   manifest's parts;
 - no committed marker ever changed;
 - no chunk was given up without its engine failing it (the fake never fails a chunk here);
+- every data part has the typed columns with valid values, and the ledger's re-samples are
+  the sum over the committed markers (a killed attempt's re-samples are not counted);
 - the ledger lists every run and its accelerator-seconds are at least the engine lifetimes
   the test itself saw in the killed runs.
 """
@@ -30,6 +34,8 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 
@@ -40,12 +46,15 @@ from tests.s3server import S3Server
 ROWS, FILES, ROWS_PER_CHUNK = 1200, 3, 10
 CHUNKS = ROWS // ROWS_PER_CHUNK
 RANDOM_KILLS = 20
+LABELS = ("positive", "negative", "mixed")
 FAULT_POINTS = ("after-data-part", "after-failed-part", "before-marker", "after-marker")
 
 
 def job_yaml(inp: str, out: str, storage: str) -> str:
     # batch_size 20 keeps three chunks in flight, so the job runs long enough to be killed
     # anywhere: before Ray is up, while engines load, mid-run, while committing, finalizing.
+    # A typed answer is about 14 fake tokens (plus re-samples), so delay_per_token is lower
+    # than for plain text to keep the same pace.
     return f"""
 name: kill-test
 input: {{path: "{inp}", id_column: review_id, storage_options: {storage}}}
@@ -53,9 +62,11 @@ output: {{path: "{out}", storage_options: {storage}}}
 model:
   path: fake
   engine: fake
-  fake_options: {{max_model_len: 400, delay_per_token: 0.01, row_error_rate: 0.2}}
+  fake_options: {{max_model_len: 400, delay_per_token: 0.004, row_error_rate: 0.2,
+                  violation_rate: 0.2}}
 prompt: {{template: "{{{{ product }}}}: {{{{ body }}}}"}}
-sampling: {{max_tokens: 8, temperature: 1.0}}
+response: {{fields: {{sentiment: [{", ".join(LABELS)}], summary: str}}}}
+sampling: {{max_tokens: 32, temperature: 1.0}}
 resources: {{rows_per_chunk: {ROWS_PER_CHUNK}, chunks_in_flight: 3, batch_size: 20}}
 """
 
@@ -250,7 +261,27 @@ def test_random_kills_and_every_fault_point_give_exactly_once_output(
         "a chunk was given up although its engine never failed it"
     )
 
+    # typed columns: one schema in every part, and only valid values in it
+    typed = [
+        pa.field("sentiment", pa.string()),
+        pa.field("summary", pa.string()),
+        pa.field("sentiment_confidence", pa.float64()),
+        pa.field("resamples", pa.int16()),
+    ]
+    for part in sorted(p for p in out.parts() if p.startswith("data/")):
+        with out.fs.open(f"{out.path}/{part}", "rb") as fh:
+            table = pq.read_table(fh)
+        assert all(table.schema.field(f.name) == f for f in typed), (part, table.schema)
+        assert set(table["sentiment"].to_pylist()) <= set(LABELS), part
+        assert None not in table["summary"].to_pylist(), part
+        conf = table["sentiment_confidence"].to_pylist()
+        assert all(c is None or 0.0 <= c <= 1.0 for c in conf), part
+    violations = failed.filter(pc.equal(failed["_error_class"], "SchemaViolation"))
+    assert None not in violations["_output_text"].to_pylist()
+
     ledger = read_json(out.fs, f"{out.path}/ledger.json")
+    committed = [json.loads(m) for m in markers.values()]
+    assert ledger["resamples"] == sum(m.get("resamples", 0) for m in committed) > 0
     # every run that got as far as starting engines has its record (earlier kills may not)
     assert len(ledger["runs"]) >= runs_with_engines + 1
     assert ledger["gpu_seconds"] >= killed_engine_seconds, (
