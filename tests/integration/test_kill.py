@@ -91,13 +91,20 @@ class Output:
         }
 
 
-def engine_pids() -> set[int]:
-    """Engine actors of a local run (Ray names the worker process after the actor class)."""
+def engine_pids(session: int | None = None) -> set[int]:
+    """Engine actors of a local run (Ray names the worker process after the actor class);
+    with ``session``, only those of that job (its driver leads the session, and the local Ray
+    it starts, workers included, stays in it), not another test's running beside it."""
     pids = set()
     for p in psutil.process_iter(["cmdline"]):
         cmd = " ".join(p.info.get("cmdline") or [])
-        if "EngineStage" in cmd and "pytest" not in cmd:
-            pids.add(p.pid)
+        if "EngineStage" not in cmd or "pytest" in cmd:
+            continue
+        try:
+            if session is None or os.getsid(p.pid) == session:
+                pids.add(p.pid)
+        except ProcessLookupError:
+            continue
     return pids
 
 
@@ -126,7 +133,7 @@ def run_and_kill(job: Path, ready: Callable[[], bool], env: dict[str, str] | Non
             return False, 0.0
         assert time.time() < deadline, "kill point not reached"
         now = time.time()
-        for pid in engine_pids():
+        for pid in engine_pids(proc.pid):
             first_seen.setdefault(pid, now)
         time.sleep(0.1)
     killed_at = time.time()
@@ -134,7 +141,7 @@ def run_and_kill(job: Path, ready: Callable[[], bool], env: dict[str, str] | Non
     proc.wait(timeout=30)
     # The run's Ray processes die with it; wait so the next run starts on a quiet machine.
     for _ in range(100):
-        if not engine_pids():
+        if not engine_pids(proc.pid):
             break
         time.sleep(0.2)
     return True, sum(killed_at - t for t in first_seen.values())
@@ -282,6 +289,7 @@ def test_random_kills_and_every_fault_point_give_exactly_once_output(
     ledger = read_json(out.fs, f"{out.path}/ledger.json")
     committed = [json.loads(m) for m in markers.values()]
     assert ledger["resamples"] == sum(m.get("resamples", 0) for m in committed) > 0
+    assert runs_with_engines > 0, "the test saw no engine of its own job (session filter)"
     # every run that got as far as starting engines has its record (earlier kills may not)
     assert len(ledger["runs"]) >= runs_with_engines + 1
     assert ledger["gpu_seconds"] >= killed_engine_seconds, (
