@@ -43,7 +43,8 @@ class ChunkWork:
     results: list[EngineResult] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     engine: dict[str, Any] = field(default_factory=dict)
-    attempts: int = 0
+    attempts: int = 0  # engine failures before this attempt, plus this one
+    attempts_started: int = 0  # attempt records of the chunk, this one included
     prior_attempts: list[int] = field(default_factory=list)  # per row, for retried rows
 
 
@@ -222,9 +223,11 @@ class EngineStage:
         limit = self.spec.resources.max_attempts
         while True:
             # Object-store reads and writes: off the event loop, which other chunks share.
-            failures, last_error = await asyncio.to_thread(
-                store.prior_failures, self.fs, self.root, chunk_id, self.run_id
+            state = await asyncio.to_thread(
+                store.attempt_state, self.fs, self.root, chunk_id, self.run_id
             )
+            failures, last_error = state.failures, state.last_error
+            work.attempts_started = state.next_number - 1  # those before: paid for too
             if failures >= limit:
                 log.error("giving up on chunk %s after %d failed attempts", chunk_id, failures)
                 message = f"gave up after {failures} failed attempts; last error: {last_error}"
@@ -239,7 +242,9 @@ class EngineStage:
                 self.root,
                 chunk_id,
                 {"run": self.run_id, "actor": self.actor, "at": time.time()},
+                first=state.next_number,
             )
+            work.attempts_started = attempt  # its number: every attempt so far reached the engine
             work.attempts = failures + 1
             self.clock.started_chunk(work.chunk.rows)
             try:
@@ -279,7 +284,7 @@ def commit_work(
         extra.update(typed_usage(work.results))
     marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
-        run_id=run_id,
+        run_id=run_id, attempts_started=work.attempts_started,
     )  # fmt: skip
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
     return {"stats": pickle.dumps(marker)}

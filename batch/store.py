@@ -6,7 +6,7 @@ Layout (a contract; see the README's "Output layout")::
     _lease/<n>.json           who runs the job now (create-only numbers, renewed by the holder)
     _runs/<run>.json          one per run: start, heartbeat, end (wall time across runs)
     _runs/<run>/<actor>.json  one per engine actor: held from start, billed ahead per heartbeat
-    _attempts/<chunk>/<n>.json        an attempt at a chunk reached the engine
+    _attempts/<chunk>/<n>.<run>.json  an attempt at a chunk reached the engine
     _attempts/<chunk>/<n>.failed.json ... and the engine failed it (with the error)
     data/part-<chunk>.<token>.parquet      rows; <token> is unique to the commit attempt
     _failed/part-<chunk>.<token>.parquet   rows that failed, with their reason
@@ -548,38 +548,61 @@ def _attempt_dir(root: str, chunk_id: str) -> str:
     return storage.join(root, ATTEMPTS_DIR, chunk_id)
 
 
-def prior_failures(fs: Any, root: str, chunk_id: str, run_id: str) -> tuple[int, str]:
-    """(engine failures of this chunk so far, the last error), by the rule in the docstring."""
-    attempts: dict[int, dict[str, Any]] = {}
+@dataclass(frozen=True)
+class AttemptState:
+    """What the attempt records of a chunk say, from one listing of its folder."""
+
+    failures: int  # engine failures so far, by the rule in the module docstring
+    last_error: str
+    next_number: int  # the number the next attempt will try to take
+
+
+def _run_tag(run_id: str) -> str:
+    return (run_id or "norun").replace(".", "_").replace("/", "_")
+
+
+def attempt_state(fs: Any, root: str, chunk_id: str, run_id: str) -> AttemptState:
+    """One listing, and a read only of the failure records (rare): attempt records carry
+    their run in their name (``<n>.<run>.json``), so counting needs no reads."""
+    runs: dict[int, str] = {}
     failed: dict[int, str] = {}
     for path in storage.list_files(fs, _attempt_dir(root, chunk_id), ".json"):
-        name = path.rsplit("/", 1)[-1]
-        number = name.split(".", 1)[0]
+        number, _, rest = path.rsplit("/", 1)[-1].removesuffix(".json").partition(".")
         if not number.isdigit():
             continue
-        doc = storage.read_json_or_none(fs, path) or {}
-        if name.endswith(".failed.json"):
-            failed[int(number)] = str(doc.get("error", "the engine failed"))
+        if rest == "failed":
+            failed[int(number)] = path
         else:
-            attempts[int(number)] = doc
+            runs[int(number)] = rest
     count, last = 0, "the engine died while running this chunk"
-    for n in sorted(attempts):
-        run = attempts[n].get("run")
-        later_same_run = any(m > n and attempts[m].get("run") == run for m in attempts)
-        if n in failed or run == run_id or later_same_run:
+    for n in sorted(runs):
+        later_same_run = any(m > n and runs[m] == runs[n] for m in runs)
+        if n in failed or runs[n] == _run_tag(run_id) or later_same_run:
             count += 1
-            last = failed.get(n, "the engine died while running this chunk")
-    return count, last
+            last = "the engine died while running this chunk"
+            if n in failed:
+                doc = storage.read_json_or_none(fs, failed[n]) or {}
+                last = str(doc.get("error", "the engine failed"))
+    return AttemptState(count, last, max(runs, default=0) + 1)
 
 
-def begin_attempt(fs: Any, root: str, chunk_id: str, note: Mapping[str, Any]) -> int:
-    """Record that an attempt at a chunk reaches the engine; return its number."""
-    existing = storage.list_files(fs, _attempt_dir(root, chunk_id), ".json")
-    numbers = [int(p.rsplit("/", 1)[-1].split(".", 1)[0]) for p in existing
-               if p.rsplit("/", 1)[-1].split(".", 1)[0].isdigit()]  # fmt: skip
-    n = max(numbers, default=0) + 1
+def prior_failures(fs: Any, root: str, chunk_id: str, run_id: str) -> tuple[int, str]:
+    """(engine failures of this chunk so far, the last error)."""
+    state = attempt_state(fs, root, chunk_id, run_id)
+    return state.failures, state.last_error
+
+
+def begin_attempt(
+    fs: Any, root: str, chunk_id: str, note: Mapping[str, Any], *, first: int | None = None
+) -> int:
+    """Record that an attempt at a chunk reaches the engine; return its number. ``first``:
+    the number to try first (from :func:`attempt_state`, saving a listing)."""
+    n = first if first is not None else attempt_state(fs, root, chunk_id, "").next_number
+    tag = _run_tag(str(note.get("run", "")))
     while True:
-        path = storage.join(_attempt_dir(root, chunk_id), f"{n:04d}.json")
+        path = storage.join(_attempt_dir(root, chunk_id), f"{n:04d}.{tag}.json")
+        # Create-only on the number alone would need a lock; two attempts can only collide
+        # on a number when Ray runs one chunk twice at once, and then both are counted.
         if storage.create_only(fs, path, json.dumps(dict(note, attempt=n)).encode()):
             return n
         n += 1
@@ -640,6 +663,7 @@ def commit_chunk(
     fingerprint: str,
     attempts: int = 0,
     run_id: str = "",
+    attempts_started: int | None = None,
 ) -> dict[str, Any]:
     """Write the chunk's parts under attempt-unique names, then its marker; return the marker
     that committed the chunk (this attempt's, or the one that won before it)."""
@@ -688,7 +712,9 @@ def commit_chunk(
     marker.update(extra)
     # Every attempt that reached the engine, this one included: the others were paid for and
     # their results thrown away (a run killed around the chunk, an engine that failed it).
-    marker["attempts_run"] = max(1, attempts_run(fs, root, chunk.chunk_id))
+    if attempts_started is None:  # not told by the engine stage: count the records
+        attempts_started = attempts_run(fs, root, chunk.chunk_id)
+    marker["attempts_run"] = max(1, attempts_started)
     marker["committed_at"] = time.time()
     body = json.dumps(marker, sort_keys=True).encode()
     marker_path = storage.join(root, marker_name(chunk.chunk_id))

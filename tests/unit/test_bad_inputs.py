@@ -27,6 +27,7 @@ from pathlib import Path
 import pytest
 
 from batch.demo import write_reviews
+from tests import realparts
 
 REPO = Path(__file__).resolve().parents[2]
 FAKE_MODEL = "{path: fake, engine: fake, fake_options: {max_model_len: 400}}"
@@ -350,7 +351,10 @@ def test_bad_input_ends_in_one_line(
     case: Case, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if case.unprivileged and os.geteuid() == 0 and not shutil.which("setpriv"):
-        pytest.skip("running as root without setpriv: permission bits cannot be tested")
+        realparts.missing(
+            "setpriv", "as root, only setpriv can drop the capabilities that ignore permission "
+            "bits", "apt-get install util-linux",
+        )
     # a finished output is shared: each case must leave it as it is
     where = request.getfixturevalue("finished") if case.needs_output else tmp_path
     argv = case.setup(where)
