@@ -19,8 +19,8 @@ from typing import Any
 
 import pyarrow as pa
 
+from batch import cache, storage, store
 from batch import plan as planning
-from batch import storage, store
 from batch.errors import BatchInferError, LeaseLost, TerminalError
 from batch.progress import Reporter
 from batch.runner import build_dataset, configure_ray_data, local_model, ray_session, reap
@@ -163,18 +163,25 @@ def _run_pending(
     state = "failed"
     try:
         if plan.pending:
+            # The result cache (and dedup): the model digested, the namespace recorded, here
+            # on the driver, so a bad or unreachable cache fails before any engine starts.
+            ctx = cache.context(spec, run.run_id)
+            flusher = cache.Flusher(ctx)
             try:
                 with ray_session(
                     address, verbose=verbose, hub_offline=local_model(spec)
                 ) as session:
                     configure_ray_data(verbose)
-                    ds = build_dataset(spec, plan, model_path, session, run.run_id)
+                    ds = build_dataset(spec, plan, model_path, session, run.run_id, ctx)
                     reporter.engines_starting(spec.resources.replicas, usd_per_hour)
                     try:
                         for row in ds.iter_rows():
                             stats = pickle.loads(row["stats"])
                             engines[stats["engine"].get("actor", "")] = stats["engine"]
+                            flusher.add(stats.pop("cache_fragments", []))
                             reporter.chunk_done(stats)
+                        released = time.time()
+                        _close_cache(flusher, reporter)
                     except KeyboardInterrupt:
                         if held.lost:
                             raise _lease_lost(spec) from None
@@ -183,7 +190,10 @@ def _run_pending(
                     except Exception as exc:
                         raise _one_line(exc) from exc
                     finally:
-                        released = time.time()
+                        released = released or time.time()
+                        if flusher.pending:  # a failed run: keep what it committed
+                            with contextlib.suppress(Exception):
+                                flusher.close()
             finally:
                 if not address:  # on a cluster the engines' machines are Ray's to clean
                     reap(engines)
@@ -193,6 +203,19 @@ def _run_pending(
     return finalize(
         spec, record, plan, reporter, started, chunks_run=len(plan.pending), run_id=run.run_id
     )
+
+
+def _close_cache(flusher: cache.Flusher, reporter: Reporter) -> None:
+    """Commit the run's last cache entries and fold them into the index (the engines are
+    released by now; this is not billed as engine time). A cache that fails here costs the
+    next run hits, never this run's output."""
+    try:
+        info = flusher.close()
+    except Exception as exc:
+        reporter.message(f"the result cache was not updated: {str(exc)[:200]}")
+        return
+    if info.get("added"):
+        log.info("result cache: %d answers added (%s)", info["added"], info)
 
 
 def finalize(

@@ -42,6 +42,56 @@ TYPED_NOTE = (
 )
 
 
+CACHE_NOTE = (
+    "Result cache and dedup (cache): input_tokens and output_tokens are the tokens our engine "
+    "processed; cache.hit_rows were served from the result cache and cache.dedup_rows shared "
+    "the answer of an equal prompt in the same run, neither costing engine time. "
+    "cache.saved_input_tokens and cache.saved_output_tokens are their tokens; saved_usd_at_"
+    "our_rate prices them at this job's usd_per_million_tokens, and saved_batch_usd at each "
+    "comparator's batch price (what the same rows would add to a batch API bill). The "
+    "comparisons above price only the tokens our engine processed."
+)
+
+
+def cache_savings(
+    spec: JobSpec,
+    table: Any,
+    markers: Sequence[dict[str, Any]],
+    *,
+    rate: float,
+    run_cost: float,
+    tokens: int,
+) -> dict[str, Any]:
+    """What the result cache and dedup saved: rows, tokens, and their price at our rate and at
+    each comparator's batch rate. Empty for a job that uses neither."""
+    if not spec.cache.path and not any("cache_hits" in m for m in markers):
+        return {}
+    t = store.totals(markers)
+    saved_in, saved_out = t.saved_input_tokens, t.saved_output_tokens
+    per_token = run_cost / tokens if tokens else None
+    saved_batch, _ = compare(
+        spec, table, input_tokens=saved_in, output_tokens=saved_out, run_cost_usd=None,
+        rows=t.cache_hits + t.dedup_rows, rows_per_second=0.0, rate=rate,
+    )  # fmt: skip
+    served = t.cache_hits + t.dedup_rows
+    return {
+        "path": spec.cache.path,
+        "hit_rows": t.cache_hits,
+        "dedup_rows": t.dedup_rows,
+        "engine_rows": t.rows - served,
+        "hit_rate": round(served / t.rows, 4) if t.rows else 0.0,
+        "saved_input_tokens": saved_in,
+        "saved_output_tokens": saved_out,
+        "saved_usd_at_our_rate": round(per_token * (saved_in + saved_out), 10)
+        if per_token is not None
+        else None,
+        "saved_batch_usd": [
+            {"provider": c["provider"], "model": c["model"], "batch_usd": c["batch_usd"]}
+            for c in saved_batch
+        ],
+    }
+
+
 def typed_usage(markers: Sequence[dict[str, Any]]) -> dict[str, int]:
     """Re-sampling of a typed job over every committed chunk; old markers count 0."""
     t = store.totals(markers)
@@ -277,6 +327,7 @@ def build_ledger(
         rows_per_second=rows_per_second,
         rate=rate,
     )
+    cached = cache_savings(spec, table, markers, rate=rate, run_cost=run_cost, tokens=tokens)
     return {
         "job": spec.name,
         "model": spec.model.path,
@@ -300,6 +351,7 @@ def build_ledger(
         "comparisons": comparisons,
         "runs": per_run,
         "paid_not_committed": paid_not_committed,
+        **({"cache": cached} if cached else {}),
         "notes": [
             TOKENIZER_NOTE,
             "gpu_seconds: accelerator-seconds held by the engine actors of every run of "
@@ -316,5 +368,6 @@ def build_ledger(
             "accelerator (rate x 24 h) is cheaper than the batch API, to be compared with "
             "the capacity at the measured throughput and utilisation_assumed.",
             *([TYPED_NOTE] if typed else []),
+            *([CACHE_NOTE] if cached else []),
         ],
     }

@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import pickle
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -26,6 +28,7 @@ import pyarrow as pa
 
 from batch import cpus, storage, store
 from batch import plan as planning
+from batch.cache import CacheContext
 from batch.engine import EngineRequest, EngineResult
 from batch.spec import JobSpec
 
@@ -46,13 +49,22 @@ class ChunkWork:
     attempts: int = 0  # engine failures before this attempt, plus this one
     attempts_started: int = 0  # attempt records of the chunk, this one included
     prior_attempts: list[int] = field(default_factory=list)  # per row, for retried rows
+    shared: dict[int, int] = field(default_factory=dict)  # row -> the row with its prompt
+    cached: list[EngineResult] = field(default_factory=list)  # answers from the result cache
 
 
 # --------------------------------------------------------------------------- stages
 
 
-def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[str, Any]:
-    """Read task: the chunk's rows -> engine requests (bad rows become failures, not errors)."""
+def prepare_chunk(
+    row: dict[str, Any], spec_json: str, protocol: str, cache: CacheContext | None = None
+) -> dict[str, Any]:
+    """Read task: the chunk's rows -> engine requests (bad rows become failures, not errors).
+
+    With a cache context, each request gets its cache key; rows whose prompt an earlier row of
+    the chunk has are left out (dedup), and the answers the cache holds are taken from it: only
+    the rest goes to the engine.
+    """
     from batch.errors import RowError
     from pipelines import load_pipeline
 
@@ -91,7 +103,37 @@ def prepare_chunk(row: dict[str, Any], spec_json: str, protocol: str) -> dict[st
         chunk=chunk, table=table, requests=requests, failures=failures, prior_attempts=prior
     )
     work.timings.update(read_s=t1 - t0, prepare_s=time.perf_counter() - t1)
+    if cache is not None:
+        t2 = time.perf_counter()
+        _use_cache(work, cache)
+        work.timings["cache_s"] = time.perf_counter() - t2
     return {"chunk_id": chunk.chunk_id, "work": pickle.dumps(work, protocol=5)}
+
+
+def _use_cache(work: ChunkWork, cache: CacheContext) -> None:
+    """Key the requests, share equal prompts within the chunk, serve cached answers."""
+    from batch.cache import lookup, result_from_json, row_key
+
+    first: dict[bytes, int] = {}
+    unique: list[EngineRequest] = []
+    for r in work.requests:
+        key = row_key(cache.namespace, r)
+        if cache.dedup and key in first:
+            work.shared[r.key] = first[key]
+            continue
+        first.setdefault(key, r.key)
+        unique.append(dataclasses.replace(r, cache_key=key))
+    hits: dict[bytes, str] = {}
+    if cache.lookup:
+        try:
+            hits = lookup(cache, [r.cache_key for r in unique if r.cache_key])
+        except Exception as exc:  # the cache saves work; it never fails a job
+            log.warning("cache lookup failed, chunk %s runs uncached: %s", work.chunk.chunk_id, exc)
+            work.timings["cache_errors"] = 1
+    work.requests = [r for r in unique if r.cache_key not in hits]
+    work.cached = [
+        result_from_json(hits[r.cache_key], r.key) for r in unique if r.cache_key in hits
+    ]
 
 
 def _me() -> tuple[int, float]:
@@ -202,6 +244,10 @@ class EngineStage:
         self.cpus = cores.result  # {} unless the run's other processes were moved
         self.ready = time.time()
         self.gate = _Quarantine()
+        # Dedup across the chunks this engine holds: prompts in flight, and recent answers.
+        self.dedup = self.spec.dedup
+        self.inflight: dict[bytes, asyncio.Future[EngineResult | None]] = {}
+        self.recent: OrderedDict[bytes, EngineResult] = OrderedDict()
         log.info("engine %s ready in %.1fs", self.actor, self.ready - self.created)
 
     async def __call__(self, row: dict[str, Any]) -> dict[str, Any]:
@@ -252,7 +298,7 @@ class EngineStage:
                     # The engine window of this chunk: from its requests reaching the engine
                     # to its last result (the ledger's busy/idle accounting reads these).
                     work.timings["engine_start"] = time.time()
-                    results = await self.engine.run(work.requests)
+                    results = await self._generate(work.requests)
                     work.timings["engine_end"] = time.time()
                     return results
             except Exception as exc:
@@ -268,26 +314,137 @@ class EngineStage:
                     self.engine.close()
                     os._exit(1)
 
+    async def _generate(self, requests: Sequence[EngineRequest]) -> list[EngineResult]:
+        """``engine.run`` with dedup across this engine's chunks: a prompt already answered in
+        this run (recently) or in flight for another chunk is not sent again; the row gets
+        that answer (``source="dup"``). If the other chunk fails, the row is run here."""
+        if not self.dedup:
+            return await self.engine.run(requests)
+        loop = asyncio.get_running_loop()
+        own: list[EngineRequest] = []
+        copies: list[EngineResult] = []
+        waits: list[tuple[EngineRequest, asyncio.Future[EngineResult | None]]] = []
+        mine: dict[bytes, asyncio.Future[EngineResult | None]] = {}
+        for r in requests:
+            k = r.cache_key
+            if k is None:
+                own.append(r)
+            elif (done := self.recent.get(k)) is not None:
+                self.recent.move_to_end(k)
+                copies.append(dataclasses.replace(done, key=r.key, source="dup"))
+            elif (pending := self.inflight.get(k)) is not None:
+                waits.append((r, pending))
+            else:
+                self.inflight[k] = mine[k] = loop.create_future()
+                own.append(r)
+        results: list[EngineResult] = []
+        try:
+            results = await self.engine.run(own) if own else []
+        finally:
+            by_key = {res.key: res for res in results}
+            for r in own:
+                if r.cache_key is None or r.cache_key not in mine:
+                    continue
+                answer = by_key.get(r.key)
+                ok = answer is not None and not answer.error_kind
+                mine[r.cache_key].set_result(answer if ok else None)
+                self.inflight.pop(r.cache_key, None)
+                if ok:
+                    assert answer is not None
+                    self.recent[r.cache_key] = answer
+                    while len(self.recent) > RECENT_ANSWERS:
+                        self.recent.popitem(last=False)
+        leftovers: list[EngineRequest] = []
+        for r, pending in waits:
+            answer = await asyncio.shield(pending)
+            if answer is None:
+                leftovers.append(r)  # its owner failed: this row is run here
+            else:
+                copies.append(dataclasses.replace(answer, key=r.key, source="dup"))
+        if leftovers:
+            results += await self.engine.run(leftovers)
+        return results + copies
+
+
+#: Answers an engine actor remembers for dedup across its chunks (the cache covers the rest).
+RECENT_ANSWERS = 20_000
+
 
 def commit_work(
-    row: dict[str, Any], spec_json: str, fingerprint: str, run_id: str = ""
+    row: dict[str, Any],
+    spec_json: str,
+    fingerprint: str,
+    run_id: str = "",
+    cache: CacheContext | None = None,
 ) -> dict[str, Any]:
-    """Commit task: results -> output columns -> parts and marker. Returns only stats."""
+    """Commit task: results -> output columns -> parts and marker; then the chunk's new
+    answers go to the result cache (as Lance fragments the driver has committed). Returns
+    only stats."""
     from pipelines import load_pipeline
 
     spec = JobSpec.model_validate_json(spec_json)
     work: ChunkWork = pickle.loads(row["work"])
     t0 = time.perf_counter()
-    data, failed = build_tables(spec, work, load_pipeline(spec))
+    results = all_results(work)
+    data, failed = build_tables(spec, work, load_pipeline(spec), results)
     extra: dict[str, Any] = {"engine": work.engine, "timings": work.timings}
     if spec.response is not None:
-        extra.update(typed_usage(work.results))
+        extra.update(typed_usage([r for r in results if r.source == "engine"]))
+    if cache is not None:
+        extra.update(cache_usage(results))
     marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
         run_id=run_id, attempts_started=work.attempts_started,
     )  # fmt: skip
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
+    if cache is not None and cache.write and cache.root and not marker.get("adopted"):
+        marker["cache_fragments"] = _cache_new_answers(work, cache)
     return {"stats": pickle.dumps(marker)}
+
+
+def _cache_new_answers(work: ChunkWork, cache: CacheContext) -> list[str]:
+    """The chunk's answers computed by the engine (never failed rows), as cache fragments."""
+    from batch.cache import write_fragments
+
+    keys = {r.key: r.cache_key for r in work.requests if r.cache_key is not None}
+    new: dict[bytes, EngineResult] = {}
+    for r in work.results:
+        key = keys.get(r.key)
+        if key is not None and r.source == "engine" and not r.error_kind:
+            new.setdefault(key, r)
+    try:
+        return write_fragments(cache, new.items())
+    except Exception as exc:  # the rows are committed; only the cache misses them
+        log.warning("chunk %s: answers not cached: %s", work.chunk.chunk_id, exc)
+        return []
+
+
+def all_results(work: ChunkWork) -> list[EngineResult]:
+    """Every request's answer: the engine's, the cache's, and copies for rows that shared a
+    prompt with an earlier row of the chunk."""
+    results = [*work.results, *work.cached]
+    by_key = {r.key: r for r in results}
+    for row, first in sorted(work.shared.items()):
+        answer = by_key.get(first)
+        if answer is not None:  # a cached answer stays one (its row is _cached too)
+            source = "cache" if answer.source == "cache" else "dup"
+            results.append(dataclasses.replace(answer, key=row, source=source))
+    return results
+
+
+def cache_usage(results: Sequence[EngineResult]) -> dict[str, int]:
+    """The marker's account of answers not computed for their row (and their tokens)."""
+    ok = [r for r in results if not r.error_kind]
+    saved = [r for r in ok if r.source != "engine"]
+    return {
+        "cache_hits": sum(1 for r in ok if r.source == "cache"),
+        "dedup_rows": sum(1 for r in ok if r.source == "dup"),
+        "saved_input_tokens": sum(r.input_tokens for r in saved),
+        "saved_output_tokens": sum(r.output_tokens for r in saved),
+    }
+
+
+CACHED_COLUMN = "_cached"
 
 
 def typed_usage(results: list[EngineResult]) -> dict[str, int]:
@@ -300,12 +457,20 @@ def typed_usage(results: list[EngineResult]) -> dict[str, int]:
     }
 
 
-def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Table, pa.Table]:
-    """One output row per input row: in ``data`` (with the pipeline's columns) or ``_failed``."""
+def build_tables(
+    spec: JobSpec,
+    work: ChunkWork,
+    pipeline: Any,
+    results: Sequence[EngineResult] | None = None,
+) -> tuple[pa.Table, pa.Table]:
+    """One output row per input row: in ``data`` (with the pipeline's columns) or ``_failed``.
+    With a cache path, ``data`` ends in ``_cached``: the answer came from the result cache."""
+    if results is None:
+        results = all_results(work)
     failures = dict(work.failures)
-    ok = sorted((r for r in work.results if not r.error_kind), key=lambda r: r.key)
+    ok = sorted((r for r in results if not r.error_kind), key=lambda r: r.key)
     texts: dict[int, str | None] = {}
-    for r in work.results:
+    for r in results:
         if r.error_kind:
             failures[r.key] = (r.error_kind, r.error or "")
             texts[r.key] = r.text if r.error_kind == "SchemaViolation" else None
@@ -318,6 +483,10 @@ def build_tables(spec: JobSpec, work: ChunkWork, pipeline: Any) -> tuple[pa.Tabl
             if name in base.column_names:
                 base = base.drop_columns([name])
             base = base.append_column(name, out[name])
+    if spec.cache.path:
+        base = base.append_column(
+            CACHED_COLUMN, pa.array([r.source == "cache" for r in ok], pa.bool_())
+        )
     fail_keys = sorted(failures)
     failed = table.take(pa.array(fail_keys, pa.int64()))
     failed = failed.append_column(
@@ -446,6 +615,7 @@ def build_dataset(
     model_path: str,
     session: cpus.Session | None = None,
     run_id: str = "",
+    cache: CacheContext | None = None,
 ) -> Any:
     """The chunk pipeline. With ``session`` (a local Ray this run started) and the CPU device,
     engine actors keep the run's other processes off the engine's cores (batch.cpus)."""
@@ -461,7 +631,9 @@ def build_dataset(
     # Light stages ask for a fraction of a CPU so reads and commits always find room next to
     # the engines (logical CPUs are a scheduling budget; see docs/architecture.md).
     ds = ds.map(
-        prepare_chunk, fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol}, num_cpus=0.25
+        prepare_chunk,
+        fn_kwargs={"spec_json": spec_json, "protocol": plan.protocol, "cache": cache},
+        num_cpus=0.25,
     )
     engine_resources: dict[str, Any] = {
         "num_cpus": res.cpus_per_replica,
@@ -490,7 +662,12 @@ def build_dataset(
     )
     ds = ds.map(
         commit_work,
-        fn_kwargs={"spec_json": spec_json, "fingerprint": plan.fingerprint, "run_id": run_id},
+        fn_kwargs={
+            "spec_json": spec_json,
+            "fingerprint": plan.fingerprint,
+            "run_id": run_id,
+            "cache": cache,
+        },
         num_cpus=0.25,
     )
     return ds

@@ -445,6 +445,37 @@ class LedgerSpec(_Spec):
     )
 
 
+class CacheSpec(_Spec):
+    path: str | None = Field(
+        default=None,
+        description="Where the result cache lives (a local folder or any fsspec URL, e.g. "
+        "s3://bucket/batchinfer-cache/), shared by many jobs and nights. Set, a row whose "
+        "model, prompt as the engine sees it, sampling, response and pipeline were answered "
+        "before is served from it (_cached: true) and costs no engine time. Unset: no cache.",
+    )
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict,
+        description="fsspec options of the cache's filesystem (as for input and output), e.g. "
+        "{key, secret, client_kwargs: {endpoint_url: ...}}.",
+    )
+    mode: Literal["read-write", "read", "write"] = Field(
+        default="read-write",
+        description="read-write: look up and add; read: look up only; write: add only "
+        "(refresh the cache without serving from it).",
+    )
+    dedup: bool | None = Field(
+        default=None,
+        description="Send rows with equal prompts to the engine once in a run, every such row "
+        "getting the answer. Default: on when sampling is reproducible (temperature 0 or a "
+        "seed), with or without a cache path.",
+    )
+    sampled: bool = Field(
+        default=False,
+        description="Allow the cache (and dedup) with random sampling (temperature > 0, no "
+        "seed): every row with a cached prompt then gets that one earlier draw.",
+    )
+
+
 class JobSpec(_Spec):
     name: str = Field(
         description="Job name; part of the run id. Letters, digits, '-', '_' and '.'."
@@ -472,6 +503,10 @@ class JobSpec(_Spec):
     )
     response: ResponseSpec | None = Field(
         default=None, description="Constrained decoding into typed columns (generate)."
+    )
+    cache: CacheSpec = Field(
+        default_factory=lambda: CacheSpec(),
+        description="The result cache across runs and jobs, and dedup within a run.",
     )
 
     @field_validator("name")
@@ -525,6 +560,24 @@ class JobSpec(_Spec):
                     f"{most} (model.engine_args.max_logprobs); lower sampling.logprobs or raise "
                     "max_logprobs"
                 )
+        random = self.model.task == "generate" and (
+            self.sampling.temperature > 0 and self.sampling.seed is None
+        )
+        if random and not self.cache.sampled:
+            if self.cache.path:
+                raise ValueError(
+                    f"cache.path: sampling.temperature is {self.sampling.temperature} with no "
+                    "sampling.seed, so every run draws new answers and a cached one would "
+                    "replace a fresh draw; set sampling.seed, or cache.sampled: true to reuse "
+                    "one draw per prompt, or remove cache.path"
+                )
+            if self.cache.dedup:
+                raise ValueError(
+                    f"cache.dedup: sampling.temperature is {self.sampling.temperature} with no "
+                    "sampling.seed, so equal prompts should get independent draws; set "
+                    "sampling.seed, or cache.sampled: true to give them one draw, or remove "
+                    "cache.dedup"
+                )
         if self.response is not None:
             if self.model.task != "generate":
                 raise ValueError(
@@ -547,6 +600,14 @@ class JobSpec(_Spec):
     @property
     def pipeline_name(self) -> str:
         return self.pipeline or self.model.task
+
+    @property
+    def dedup(self) -> bool:
+        """Equal prompts go to the engine once per run (see CacheSpec.dedup)."""
+        if self.cache.dedup is not None:
+            return self.cache.dedup
+        reproducible = self.sampling.temperature == 0 or self.sampling.seed is not None
+        return self.model.task == "embed" or reproducible or self.cache.sampled
 
     def fingerprint_fields(self) -> dict[str, Any]:
         """What determines the output rows (not where they go, nor how fast): for fingerprints."""
@@ -576,6 +637,8 @@ class JobSpec(_Spec):
         }
         relevant["pipeline"] = self.pipeline_name
         relevant["resources"] = {"rows_per_chunk": self.resources.rows_per_chunk}
+        if self.cache.path:  # the output gains a _cached column (where is not part of it)
+            relevant["cache"] = True
         return relevant
 
     def fingerprint(self) -> str:

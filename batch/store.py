@@ -116,7 +116,6 @@ class Chunk:
         return self.row_end - self.row_start
 
 
-
 # --------------------------------------------------------------------------- job record
 
 
@@ -710,6 +709,10 @@ def commit_chunk(
         if kind == DATA:
             marker["input_tokens"], marker["output_tokens"] = _token_totals(table)
     marker.update(extra)
+    # Answers served from the result cache or shared with an equal prompt cost no engine
+    # tokens: the marker's tokens are the engine's (saved_* are the rest).
+    marker["input_tokens"] -= int(extra.get("saved_input_tokens", 0))
+    marker["output_tokens"] -= int(extra.get("saved_output_tokens", 0))
     # Every attempt that reached the engine, this one included: the others were paid for and
     # their results thrown away (a run killed around the chunk, an engine that failed it).
     if attempts_started is None:  # not told by the engine stage: count the records
@@ -816,6 +819,11 @@ class Totals:
     discarded_input_tokens: int = 0
     discarded_output_tokens: int = 0
     schema_violations: int = 0
+    # Result cache and dedup: rows whose answer was not computed for them, and its tokens.
+    cache_hits: int = 0
+    dedup_rows: int = 0
+    saved_input_tokens: int = 0
+    saved_output_tokens: int = 0
     data_parts: list[str] = field(default_factory=list)
     failed_parts: list[str] = field(default_factory=list)  # live ones
     superseded_parts: list[str] = field(default_factory=list)
@@ -837,6 +845,10 @@ def totals(markers: Iterable[Mapping[str, Any]]) -> Totals:
         t.discarded_input_tokens += int(m.get("discarded_input_tokens", 0))
         t.discarded_output_tokens += int(m.get("discarded_output_tokens", 0))
         t.schema_violations += int(m.get("schema_violations", 0))
+        t.cache_hits += int(m.get("cache_hits", 0))
+        t.dedup_rows += int(m.get("dedup_rows", 0))
+        t.saved_input_tokens += int(m.get("saved_input_tokens", 0))
+        t.saved_output_tokens += int(m.get("saved_output_tokens", 0))
         if m.get("data_part"):
             t.data_parts.append(str(m["data_part"]))
         part = m.get("failed_part")

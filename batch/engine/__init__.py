@@ -47,6 +47,7 @@ class EngineRequest:
     key: int
     messages: tuple[dict[str, str], ...] | None = None  # chat messages (generate)
     text: str | None = None  # text to embed (embed)
+    cache_key: bytes | None = None  # batch.cache.row_key: equal keys get one answer
 
 
 @dataclass(slots=True)
@@ -93,6 +94,9 @@ class EngineResult:
     resamples: int = 0  # extra generate calls for this row
     discarded_input_tokens: int = 0  # prompt tokens of the re-sample calls
     discarded_output_tokens: int = 0  # tokens of every answer thrown away
+    # Where the answer came from: "engine" (computed for this row), "dup" (computed in this
+    # run for an equal prompt) or "cache" (the result cache). Only "engine" rows cost tokens.
+    source: str = "engine"
 
 
 class EngineHung(TransientError):
