@@ -321,6 +321,7 @@ def _summary(
 ) -> RunSummary:
     manifest = store.read_output_json(spec, store.MANIFEST) or {}
     led = store.read_output_json(spec, store.LEDGER) or {}
+    cached = led.get("cache") or {}
     return RunSummary(
         job=spec.name,
         output=spec.output.path,
@@ -333,6 +334,7 @@ def _summary(
         wall_seconds=wall,
         gpu_seconds=gpu,
         already_complete=complete,
+        cached_rows=int(cached.get("hit_rows", 0)) + int(cached.get("dedup_rows", 0)),
     )
 
 

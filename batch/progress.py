@@ -30,6 +30,7 @@ class _Totals:
         self.rows = self.rows_total = 0
         self.failed = 0
         self.input_tokens = self.output_tokens = 0
+        self.cached = 0  # rows answered by the result cache or an equal prompt (dedup)
         self.engines_at: float | None = None
         self.usd_per_hour = 0.0
 
@@ -44,6 +45,7 @@ class _Totals:
         self.failed += int(stats["failed_rows"])
         self.input_tokens += int(stats["input_tokens"])
         self.output_tokens += int(stats["output_tokens"])
+        self.cached += int(stats.get("cache_hits", 0)) + int(stats.get("dedup_rows", 0))
 
     def engines_started(self, usd_per_hour: float) -> None:
         self.engines_at = time.time()
@@ -113,6 +115,7 @@ class JsonLogReporter:
             rows=t.rows,
             rows_total=t.rows_total,
             failed_rows=t.failed,
+            cached_rows=t.cached,
             output_tokens=t.output_tokens,
             tokens_per_second=round(t.tokens_per_second, 1),
             usd_so_far=round(t.usd_so_far, 6),
@@ -183,6 +186,7 @@ class RichReporter:
             completed=t.rows,
             chunks=f"{t.chunks}/{t.chunks_total} chunks",
             speed=f"{t.tokens_per_second:,.0f} tok/s ${t.usd_so_far:,.4f}"
+            + (f" [green]{t.cached:,} cached[/]" if t.cached else "")
             + (f" [red]{t.failed} failed" if t.failed else ""),
         )
 
@@ -211,6 +215,7 @@ def summary_fields(summary: RunSummary) -> dict[str, Any]:
         "output_tokens_per_second": round(summary.output_tokens_per_second, 1),
         "chunks": summary.chunks,
         "chunks_run": summary.chunks_run,
+        "cached_rows": summary.cached_rows,
     }
 
 
@@ -221,8 +226,11 @@ def summary_line(summary: RunSummary) -> str:
             f"{summary.job}: already complete: {summary.rows:,} rows, "
             f"{summary.failed_rows:,} failed -> {summary.output}"
         )
+    cached = ""
+    if summary.cached_rows:
+        cached = f" ({summary.cached_rows:,} from the cache or an equal prompt)"
     return (
-        f"{summary.job}: {summary.rows:,} rows, {summary.failed_rows:,} failed, "
+        f"{summary.job}: {summary.rows:,} rows{cached}, {summary.failed_rows:,} failed, "
         f"{summary.input_tokens:,} in / {summary.output_tokens:,} out tokens in "
         f"{summary.wall_seconds:,.1f}s ({summary.output_tokens_per_second:,.1f} output tok/s) "
         f"-> {summary.output}"

@@ -34,7 +34,26 @@ def summary_lines(ledger: dict[str, Any]) -> list[str]:
         f"measured {rps:,.2f} rows/s per replica: at {util:.0%} utilisation one replica "
         f"handles {rps * 86400 * util:,.0f} rows/day (compare with the break-even column)",
     ]
-    return lines + _idle_line(ledger) + _typed_line(ledger)
+    return lines + _idle_line(ledger) + _typed_line(ledger) + _cache_line(ledger)
+
+
+def _cache_line(ledger: dict[str, Any]) -> list[str]:
+    c = ledger.get("cache")
+    if not c:  # no result cache and no dedup counts (or an older ledger)
+        return []
+    saved = int(c["saved_input_tokens"]) + int(c["saved_output_tokens"])
+    ours = c.get("saved_usd_at_our_rate")
+    batch = sorted(c.get("saved_batch_usd", []), key=lambda b: b["batch_usd"])
+    api = (
+        f"; {_usd(batch[0]['batch_usd'])}-{_usd(batch[-1]['batch_usd'])} at API batch rates"
+        if batch
+        else ""
+    )
+    return [
+        f"result cache: {c['hit_rows']:,} rows from the cache, {c['dedup_rows']:,} shared with "
+        f"an equal prompt ({c['hit_rate']:.1%} of rows); {saved:,} tokens not processed, "
+        f"worth {_usd(ours) if ours is not None else 'n/a'} at our rate{api}"
+    ]
 
 
 def _typed_line(ledger: dict[str, Any]) -> list[str]:

@@ -19,6 +19,7 @@ class RunSummary:
     wall_seconds: float
     gpu_seconds: float
     already_complete: bool = False
+    cached_rows: int = 0  # answers from the result cache or shared with an equal prompt
 
     @property
     def tokens_per_second(self) -> float:
