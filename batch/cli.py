@@ -929,6 +929,206 @@ def render(
     for line in rendered.after:
         typer.echo(line, err=True)
 
+
+# --------------------------------------------------------------------------- the result cache
+
+cache_app = typer.Typer(
+    name="cache",
+    help=(
+        "The result cache (cache.path in a job): what it holds, and removing what is no longer "
+        "wanted.\n\n"
+        "Name the cache by its folder or URL, or by a job file whose cache.path (and "
+        "cache.storage_options) it uses.\n\n"
+        "batchinfer cache stats s3://bucket/batchinfer-cache/ ; "
+        "batchinfer cache gc jobs/enrich.yaml --older-than 30d --dry-run"
+    ),
+    no_args_is_help=True,
+    rich_markup_mode="rich",
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+app.add_typer(cache_app, name="cache")
+
+CacheArg = Annotated[
+    str,
+    typer.Argument(
+        help="The cache folder or URL (cache/, s3://bucket/batchinfer-cache/), or a job file "
+        "(jobs/enrich.yaml) whose cache.path and cache.storage_options name it.",
+        show_default=False,
+    ),
+]
+CacheStorageOption = Annotated[
+    str | None,
+    typer.Option(
+        "--storage-options",
+        help="For a cache URL: fsspec storage options as YAML, e.g. "
+        "'{key: ..., secret: ..., client_kwargs: {endpoint_url: http://127.0.0.1:8333}}'. "
+        "A job file brings its cache.storage_options.",
+    ),
+]
+
+
+def _cache_target(target: str, overrides: list[str], storage_options: str | None) -> Any:
+    """The CacheContext a cache command names; raises SpecError."""
+    import yaml
+
+    from batch.cache_admin import resolve
+
+    try:
+        options = yaml.safe_load(storage_options) if storage_options else {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not YAML"
+        raise SpecError(
+            f"--storage-options: {problem}; give a YAML mapping, e.g. '{{anon: false}}'"
+        ) from None
+    if not isinstance(options, dict):
+        raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
+    return resolve(target, overrides, options)
+
+
+def _cache_run(run: Callable[[], Any]) -> Any:
+    """Run a cache command's work; any error ends in one line and an exit code (_explain)."""
+    _configure_logging(False, False)
+    try:
+        return run()
+    except Exception as exc:
+        log.info("the cache command ended with an error", exc_info=exc)  # shown with --verbose
+        code, text = _explain(exc)
+        _fail(text, code)
+        raise
+
+
+@cache_app.command("stats")
+def cache_stats(
+    target: CacheArg,
+    set_: SetOption = None,
+    storage_options: CacheStorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """What the result cache holds: entries, size, age and index coverage, per namespace.
+
+    Shows the entries, size on storage, oldest and newest entry, the Lance table's version,
+    fragments and key-index coverage, and per namespace (one model with one set of engine,
+    prompt and sampling settings) its model, task, last job, when it was first and last
+    used, and its entries with their dates.
+
+    Reads only the namespace and created_at columns, batch by batch: little memory on a cache
+    of any size. A cache with nothing in it says so and exits 0.
+
+    Examples:
+
+      batchinfer cache stats jobs/enrich.yaml
+
+      batchinfer cache stats s3://bucket/batchinfer-cache/ \\
+          --storage-options '{client_kwargs: {endpoint_url: http://127.0.0.1:8333}}'
+
+      batchinfer cache stats cache/ --json
+    """
+    from batch import cache_admin
+
+    doc = _cache_run(lambda: cache_admin.stats(_cache_target(target, set_ or [], storage_options)))
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    if doc["state"] == "empty":
+        spaces = len(doc["namespaces"])
+        known = f" ({spaces} namespace{'s' if spaces != 1 else ''} recorded)" if spaces else ""
+        typer.echo(f"{doc['cache']}: the cache holds no entries yet{known}")
+        return
+    from rich.console import Console
+
+    cache_admin.print_stats(doc, Console())
+
+
+@cache_app.command("gc")
+def cache_gc(
+    target: CacheArg,
+    older_than: Annotated[
+        str | None,
+        typer.Option(
+            "--older-than",
+            help="Remove entries created more than this long ago: 30d (days) or 12h (hours).",
+            metavar="AGE",
+        ),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="Remove the entries of every namespace of this model, as the jobs name it "
+            "(model.path, e.g. builtin:smollm2-135m-instruct; see cache stats). Repeatable.",
+            metavar="NAME",
+        ),
+    ] = None,
+    unused_for: Annotated[
+        str | None,
+        typer.Option(
+            "--unused-for",
+            help="Remove the namespaces no job has used for this long (30d, 12h): their "
+            "entries and their records.",
+            metavar="AGE",
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option("--dry-run", help="Count what would be removed; change nothing."),
+    ] = False,
+    keep_versions: Annotated[
+        str,
+        typer.Option(
+            "--keep-versions",
+            help="Keep the Lance table's versions younger than this (30d, 12h, 0h), so a job "
+            "reading or writing the cache at the same time never loses a file it uses; their "
+            "space is freed by a later gc. 0h frees everything now: only when no job uses "
+            "the cache.",
+            metavar="AGE",
+        ),
+    ] = "1h",
+    set_: SetOption = None,
+    storage_options: CacheStorageOption = None,
+    as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
+) -> None:
+    """Remove cache entries: by age, by model, or of namespaces no job uses any more.
+
+    An entry matching any of the criteria goes. Then small fragments are compacted, the key
+    index is updated, and the table's versions older than --keep-versions (default 1h) are
+    removed with the files only they use; data files of writes never committed (a killed
+    run) go once they are a week old (Lance's rule, so a job writing now is safe). Jobs may
+    run meanwhile. Prints the entries removed and the bytes freed.
+
+    Examples:
+
+      batchinfer cache gc jobs/enrich.yaml --older-than 30d --dry-run
+
+      batchinfer cache gc s3://bucket/batchinfer-cache/ --unused-for 60d
+
+      batchinfer cache gc cache/ --model builtin:smollm2-135m-instruct --model my-old-model
+    """
+    from batch import cache_admin
+
+    def run() -> dict[str, Any]:
+        criteria = cache_admin.Criteria(
+            older_than=cache_admin.parse_duration(older_than, "--older-than")
+            if older_than is not None
+            else None,
+            models=tuple(model or ()),
+            unused_for=cache_admin.parse_duration(unused_for, "--unused-for")
+            if unused_for is not None
+            else None,
+        )
+        criteria.check()  # refuses none, in one line naming the options
+        keep = cache_admin.parse_duration(keep_versions, "--keep-versions")
+        ctx = _cache_target(target, set_ or [], storage_options)
+        return cache_admin.gc(ctx, criteria, dry_run=dry_run, keep_versions=keep)
+
+    doc = _cache_run(run)
+    if as_json:
+        typer.echo(json.dumps(doc, indent=2))
+        return
+    for line in cache_admin.gc_lines(doc):
+        typer.echo(line)
+
+
 def main() -> None:
     """The console script. Whatever goes wrong ends in one line, ``error: <what happened>;
     <what to change>``, and an exit code (see :func:`_explain`), never a traceback: that goes
