@@ -541,13 +541,18 @@ def plan_cmd(
         ),
     ] = 0,
     tokenize: Annotated[
-        int, typer.Option(help="Rows to tokenize for the input-token estimate.")
+        int,
+        typer.Option(
+            help="Rows to sample (spread over the input) for the input-token estimate and, "
+            "with cache.path, the cache lookup."
+        ),
     ] = 256,
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON for machines.")] = False,
 ) -> None:
     """A dry run before any GPU starts: rows, chunks, tokens and API cost estimates.
 
-    Also counts rows too long for the model's context.
+    Also counts rows too long for the model's context. With cache.path, looks the sampled
+    rows up in the result cache (without changing it) and estimates only the rows to compute.
 
     Examples:
 
@@ -555,7 +560,7 @@ def plan_cmd(
 
       batchinfer plan jobs/enrich.yaml --sample 32
     """
-    from batch.estimate import estimate
+    from batch.estimate import cache_line, estimate
     from batch.spec import load_spec
 
     _configure_logging(False, not sys.stdout.isatty())
@@ -581,6 +586,9 @@ def plan_cmd(
         f"[bold]{doc['job']}[/bold]: {doc['rows']:,} rows in {doc['files']} files, "
         f"{doc['chunks']:,} chunks ({doc['committed_chunks']} already committed)"
     )
+    cached = cache_line(doc)
+    if cached:
+        c.print(cached, markup=False, highlight=False)
     c.print(
         f"input tokens ~{doc['est_input_tokens']:,} ({doc['mean_input_tokens_per_row']} per row, "
         f"from {doc['sampled_rows']} rows tokenized); output tokens at most "
