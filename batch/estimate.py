@@ -5,15 +5,17 @@ tokenizing a sample of rows with the model's own tokenizer, prompt template and 
 template, exactly as the engine will; output tokens are bounded by ``max_tokens``. With a
 measured sample (``--sample N``), N rows run for real on the engine in a scratch output,
 which gives the output length and the throughput, and so GPU-hours and the run's cost.
+With ``cache.path`` the sampled rows are also looked up in the result cache (read only), and
+the token, time and cost estimates count only the rows the engine would compute.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import statistics
 import tempfile
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from batch.engine import EngineRequest
 from batch.errors import RowError
 from batch.prompt import chat_token_ids
 from batch.spec import JobSpec
+from batch.store import Chunk
 
 #: Chunks a sample is spread over at most (each is one more read on object storage).
 SAMPLE_SPREAD = 16
@@ -33,23 +36,29 @@ SAMPLE_SPREAD = 16
 
 def sample_rows(spec: JobSpec, plan: planning.Plan, n: int) -> pa.Table:
     """Up to ``n`` rows spread over the input: the first rows of up to SAMPLE_SPREAD chunks,
-    evenly spaced from the first chunk to the last (only those rows are read). Deterministic,
-    and spread so that rows added at the end of the input (a new file) are in it too."""
+    evenly spaced from the first chunk to the last. Deterministic, and spread so that rows
+    added at the end of the input (a new file) are in it too."""
     if not plan.chunks or n <= 0:
         return pa.table({})
     k = min(len(plan.chunks), n, SAMPLE_SPREAD)
     last = len(plan.chunks) - 1
     picks = sorted({round(i * last / (k - 1)) if k > 1 else 0 for i in range(k)})
-    tables = []
+    takes: list[tuple[Chunk, int]] = []
     left = n
     for i, index in enumerate(picks):
         chunk = plan.chunks[index]
         take = min(chunk.rows, -(-left // (len(picks) - i)))  # a short chunk's share moves on
         if take <= 0:
             break
-        head = dataclasses.replace(chunk, row_end=chunk.row_start + take)
-        tables.append(planning.read_chunk(spec, head, plan.protocol))
+        takes.append((chunk, take))
         left -= take
+
+    def read(item: tuple[Chunk, int]) -> pa.Table:
+        # Whole chunks (of any input format), read in parallel, then cut.
+        return planning.read_chunk(spec, item[0], plan.protocol).slice(0, item[1])
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = list(pool.map(read, takes))
     return pa.concat_tables(tables, promote_options="default")
 
 
