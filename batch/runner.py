@@ -85,8 +85,11 @@ def prepare_chunk(
     t1 = time.perf_counter()
     pipeline = load_pipeline(spec)
     requests: list[EngineRequest] = []
-    failures: dict[int, tuple[str, str]] = {}
+    # Rows the reader could not parse (text inputs' _parse_error) fail before the pipeline.
+    failures: dict[int, tuple[str, str]] = planning.malformed_rows(spec, table)
     for key, values in enumerate(table.to_pylist()):
+        if key in failures:
+            continue
         try:
             model_input = pipeline.prepare(values)
         except RowError as exc:

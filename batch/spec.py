@@ -93,11 +93,17 @@ class _Spec(BaseModel):
 
 class InputSpec(_Spec):
     path: str = Field(
-        description="Where the Parquet input is: a file, a folder (all *.parquet below it) or a "
-        "glob, as a local path or any fsspec URL (s3://bucket/prefix/, gs://..., file://...)."
+        description="Where the input is: a file, a folder (all files of the format below it: "
+        "*.parquet, *.jsonl/*.json, *.csv) or a glob, as a local path or any fsspec URL "
+        "(s3://bucket/prefix/, gs://..., file://...). Hive-style folders below it "
+        "(dt=2026-12-01/region=eu/) become string columns."
     )
-    format: Literal["parquet"] = Field(
-        default="parquet", description="Input format. Only parquet for now."
+    format: Literal["parquet", "jsonl", "csv", "openai-batch"] = Field(
+        default="parquet",
+        description="parquet, jsonl (one JSON object a line), csv (a header line, then rows) or "
+        "openai-batch (the OpenAI Batch API request file: custom_id, method, url, body). When "
+        "unset: jsonl if input.path ends in .jsonl or .json, csv if it ends in .csv, else "
+        "parquet.",
     )
     columns: list[str] | None = Field(
         default=None,
@@ -114,6 +120,16 @@ class InputSpec(_Spec):
         description="Passed to fsspec for the input filesystem, e.g. "
         "{client_kwargs: {endpoint_url: http://127.0.0.1:8333}} for an S3-compatible server.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _format_from_path(cls, data: Any) -> Any:
+        """An unset format follows the extension the path names (a file or a glob)."""
+        if isinstance(data, dict) and data.get("format") is None and "path" in data:
+            path = str(data["path"]).rstrip("/").lower()
+            fmt = "jsonl" if path.endswith((".jsonl", ".json")) else "parquet"
+            data = {**data, "format": "csv" if path.endswith(".csv") else fmt}
+        return data
 
 
 class OutputSpec(_Spec):

@@ -149,6 +149,23 @@ def _input_with(files: dict[str, bytes]) -> Callable[[Path], list[str]]:
     return setup
 
 
+def _input_file(name: str, body: bytes, *sets: str) -> Callable[[Path], list[str]]:
+    def setup(tmp: Path) -> list[str]:
+        path = tmp / "in" / name
+        path.parent.mkdir()
+        path.write_bytes(body)
+        argv = ["submit", str(job(tmp, inp=str(path))), "--quiet"]
+        return argv + [a for s in sets for a in ("--set", s)]
+
+    return setup
+
+
+def _request(cid: str) -> bytes:
+    body = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    line = {"custom_id": cid, "method": "POST", "url": "/v1/chat/completions", "body": body}
+    return json.dumps(line).encode() + b"\n"
+
+
 def _corrupt_next_to_good(tmp: Path) -> list[str]:
     folder = reviews(tmp)
     (folder / "zz-broken.parquet").write_bytes(b"PAR1 this is not a footer")
@@ -273,6 +290,15 @@ CASES: list[Case] = [
          "input.path: it does not exist; check the path", _submit(inp="/nonexistent/reviews/"),
          2,
          ("input.path", "/nonexistent/reviews")),
+    Case("duplicate-custom-id", "data", "an OpenAI batch file with a `custom_id` twice",
+         "names the custom_id and both lines",
+         _input_file("req.jsonl", _request("a") + _request("b") + _request("a"),
+                     "input.format=openai-batch"), 2,
+         ("custom_id", '"a"', "lines 1 and 3")),
+    Case("csv-open-quote", "data", "a CSV file whose quoted field is never closed",
+         "names the file and the line: fix or remove it",
+         _input_file("a.csv", b'review_id,body\nr1,"fine"\nr2,"open\nr3,x\n'), 2,
+         ("a.csv", "line 3", "quoted field")),
     # storage
     Case("permission-denied", "storage", "an output folder this user may not write",
          "the path, permission denied: give access or choose another output.path",
