@@ -661,6 +661,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                    help="rounds; figures are medians")  # fmt: skip
     p.add_argument("--work", default=None, help="scratch folder (default: a temporary one)")
     p.add_argument("--results", default=None, help="where results go (default benchmarks/results)")
+    p.add_argument("--name", default="", help="results file stem (default cache-<device>)")
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 32 rows, max_tokens 8, one round; writes nothing unless "
                    "--results")  # fmt: skip
@@ -776,7 +777,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     out = Path(a.results or ROOT / "benchmarks" / "results")
     out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"cache-{bench.device}"
+    stem = out / (a.name or f"cache-{bench.device}")
     stem.with_suffix(".json").write_text(dump_json(doc))
     stem.with_suffix(".md").write_text(text)
     chart(doc, stem.with_suffix(".png"))
