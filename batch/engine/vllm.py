@@ -21,9 +21,7 @@ engine start, so a schema vLLM cannot follow fails the job, not every row.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
-import json
 import logging
 import os
 import time
@@ -70,11 +68,7 @@ def engine_arguments(spec: JobSpec, model_path: str) -> dict[str, Any]:
     if spec.model.task == "embed":
         args["runner"] = "pooling"
     args.update(spec.model.engine_args)
-    # Typed answers, and request files whose lines may ask for JSON (response_format).
-    constrained = spec.response is not None or (
-        spec.pipeline_name == "openai" and spec.model.task == "generate"
-    )
-    if constrained and "structured_outputs_config" not in args:
+    if spec.response is not None and "structured_outputs_config" not in args:
         args["structured_outputs_config"] = dict(_STRUCTURED_DEFAULTS)
     return args
 
@@ -129,7 +123,7 @@ class VLLMEngine:
         self._response = Response.from_spec(spec.response) if spec.response else None
         engine_kwargs = dict(args)
         structured = engine_kwargs.get("structured_outputs_config")
-        if isinstance(structured, dict):
+        if self._response is not None and isinstance(structured, dict):
             # AsyncEngineArgs converts other config dicts, not this one.
             try:
                 engine_kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
@@ -177,23 +171,10 @@ class VLLMEngine:
         else:
             self._params = vllm.PoolingParams(task="embed")
 
-    def _draw_params(self, d: Draw, overrides: dict[str, Any] | None = None) -> Any:
+    def _draw_params(self, d: Draw) -> Any:
         """A new SamplingParams per draw (not a clone with fields set: SamplingParams fixes
-        greedy-specific fields from the temperature when it is built). ``overrides`` are the
-        request's own sampling (``EngineRequest.sampling``), on top of the spec's."""
+        greedy-specific fields from the temperature when it is built)."""
         kwargs = dict(self._kwargs)
-        o = overrides or {}
-        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty",
-                     "frequency_penalty"):  # fmt: skip
-            if name in o:
-                kwargs[name] = o[name]
-        if "stop" in o:
-            kwargs["stop"] = list(o["stop"]) or None
-        if "json_schema" in o:
-            schema = json.loads(o["json_schema"])
-            kwargs["structured_outputs"] = self._structured_params(json=schema)
-        elif o.get("json_object"):
-            kwargs["structured_outputs"] = self._structured_params(json_object=True)
         if d.n != 1:
             kwargs["n"] = d.n
         if d.temperature is not None:
@@ -272,7 +253,7 @@ class VLLMEngine:
             )
         try:
             with self._watchdog.request():
-                return await self._infer(req.key, ids, request_id, live, req.sampling)
+                return await self._infer(req.key, ids, request_id, live)
         except Exception as exc:
             if isinstance(exc, self._fatal) or not self.healthy():
                 raise  # the engine is broken: the chunk fails and is retried elsewhere
@@ -280,12 +261,7 @@ class VLLMEngine:
             return row_error(req.key, exc, input_tokens=len(ids))
 
     async def _infer(
-        self,
-        key: int,
-        ids: list[int],
-        request_id: str,
-        live: list[str],
-        sampling: tuple[tuple[str, Any], ...] = (),
+        self, key: int, ids: list[int], request_id: str, live: list[str]
     ) -> EngineResult:
         prompt = self._tokens_prompt(prompt_token_ids=ids)
         if self.task == "embed":
@@ -298,22 +274,11 @@ class VLLMEngine:
             vector = pooled.outputs.data.float().tolist()
             return EngineResult(key=key, input_tokens=len(ids), embedding=vector)
 
-        policy, first = self._policy, self._params
-        overrides = dict(sampling)
-        if overrides:  # the request's own sampling: its own params (and n)
-            policy = dataclasses.replace(
-                policy,
-                n=int(overrides.get("n", policy.n)),
-                temperature=float(overrides.get("temperature", policy.temperature)),
-                seed=overrides.get("seed", policy.seed),
-            )
-            first = self._draw_params(Draw(n=policy.n), overrides)
-
         async def draw(d: Draw) -> tuple[int, list[Sample]]:
             if d.round == 0:
-                rid, params = request_id, first
+                rid, params = request_id, self._params
             else:
-                rid, params = f"{request_id}.s{d.round}", self._draw_params(d, overrides)
+                rid, params = f"{request_id}.s{d.round}", self._draw_params(d)
                 live.append(rid)
             final: Any = None
             async for out in self._engine.generate(prompt, params, rid, **self._gen_kwargs):
@@ -327,7 +292,7 @@ class VLLMEngine:
                     _split_reasoning(self._reasoning, sample)
             return len(ids), samples
 
-        return await draw_checked(key, draw, self._response, policy)
+        return await draw_checked(key, draw, self._response, self._policy)
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:
