@@ -76,4 +76,5 @@ def test_submit_logs_json_lines_when_not_a_terminal(reviews: Path, tmp_path: Pat
     events = [json.loads(ln)["event"] for ln in lines[:-1]]
     assert events[0] == "planned" and events[-1] == "finished"
     # 36 rows share an equal prompt's answer (dedup is on at temperature 0): the line says so
-    assert lines[-1].startswith("cli-fake: 92 rows (36 from the cache or an equal prompt), 4 failed")
+    expected = "cli-fake: 92 rows (36 from the cache or an equal prompt), 4 failed"
+    assert lines[-1].startswith(expected)
