@@ -311,22 +311,13 @@ StorageOption = Annotated[
 
 def _spec_for(target: str, overrides: list[str], storage_options: str | None) -> JobSpec:
     """A job file, or the spec stored in an output; raises SpecError."""
-    import yaml
 
     from batch.spec import load_spec
     from batch.status import spec_from_output
 
     if target.endswith((".yaml", ".yml")) and Path(target).is_file():
         return load_spec(target, overrides)
-    try:
-        options = yaml.safe_load(storage_options) if storage_options else {}
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "not YAML"
-        raise SpecError(
-            f"--storage-options: {problem}; give a YAML mapping, e.g. '{{anon: false}}'"
-        ) from None
-    if not isinstance(options, dict):
-        raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
+    options = _storage_options(storage_options)
     spec = spec_from_output(target, options, overrides)
     if spec is None:
         raise SpecError(f"{target}: not a job file, and no batchinfer output is there")
@@ -978,19 +969,10 @@ CacheStorageOption = Annotated[
 
 def _cache_target(target: str, overrides: list[str], storage_options: str | None) -> Any:
     """The CacheContext a cache command names; raises SpecError."""
-    import yaml
 
     from batch.cache_admin import resolve
 
-    try:
-        options = yaml.safe_load(storage_options) if storage_options else {}
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "not YAML"
-        raise SpecError(
-            f"--storage-options: {problem}; give a YAML mapping, e.g. '{{anon: false}}'"
-        ) from None
-    if not isinstance(options, dict):
-        raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
+    options = _storage_options(storage_options)
     return resolve(target, overrides, options)
 
 
@@ -1135,6 +1117,22 @@ def cache_gc(
         return
     for line in cache_admin.gc_lines(doc):
         typer.echo(line)
+
+
+def _storage_options(text: str | None) -> dict[str, Any]:
+    """``--storage-options`` as a mapping; SpecError in one line otherwise."""
+    import yaml
+
+    try:
+        options = yaml.safe_load(text) if text else {}
+    except yaml.YAMLError as exc:
+        problem = getattr(exc, "problem", None) or "not YAML"
+        raise SpecError(
+            f"--storage-options: {problem}; give a YAML mapping, e.g. '{{anon: false}}'"
+        ) from None
+    if not isinstance(options, dict):
+        raise SpecError("--storage-options: give a mapping, e.g. '{anon: false}'")
+    return options
 
 
 def main() -> None:
