@@ -181,10 +181,13 @@ def namespace_of(fields: Mapping[str, Any]) -> str:
 
 
 def row_key(namespace: str, request: EngineRequest) -> bytes:
-    """The cache key of one request: its namespace and its model input, exactly."""
+    """The cache key of one request: its namespace and its model input, exactly, with the
+    request's own sampling when it has some (an OpenAI batch line's max_tokens, n, ...)."""
     body: Any = {"text": request.text}
     if request.messages is not None:
         body = {"messages": list(request.messages)}
+    if request.sampling:  # absent otherwise: the keys of requests without it are unchanged
+        body["sampling"] = [list(pair) for pair in request.sampling]
     blob = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     h = hashlib.blake2b(digest_size=16)
     h.update(bytes.fromhex(namespace))

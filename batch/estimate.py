@@ -109,12 +109,20 @@ def estimate(spec: JobSpec, *, sample: int = 64, measure: int = 0) -> dict[str, 
         except RowError:
             bad += 1
             continue
+        own: tuple[tuple[str, Any], ...] = ()
+        if isinstance(model_input, EngineRequest):  # a request with its own sampling
+            own = model_input.sampling
+            model_input = (
+                model_input.text
+                if model_input.text is not None
+                else list(model_input.messages or ())
+            )
         if isinstance(model_input, str):
             n = len(tok.encode(model_input))
-            request = EngineRequest(key=len(requests), text=model_input)
+            request = EngineRequest(key=len(requests), text=model_input, sampling=own)
         else:
             n = len(chat_token_ids(tok, model_input, spec.prompt.chat_template_kwargs))
-            request = EngineRequest(key=len(requests), messages=tuple(model_input))
+            request = EngineRequest(key=len(requests), messages=tuple(model_input), sampling=own)
         if n > context or (spec.model.task == "generate" and n >= context):
             too_long += 1
             continue

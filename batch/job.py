@@ -19,7 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from batch import cache, storage, store
+from batch import cache, openai_files, storage, store
 from batch import plan as planning
 from batch.errors import BatchInferError, LeaseLost, TerminalError
 from batch.progress import Reporter
@@ -240,6 +240,8 @@ def finalize(
     complete = store.is_complete(record, t)
     if complete:
         store.publish_manifest(spec, store.manifest_doc(spec, record, t, started=started))
+        if openai_files.applies(spec):  # the provider's output and error files, from the parts
+            openai_files.write_files(spec, record, markers)
     this_run = [r for r in led["runs"] if r["run_id"] == run_id]
     summary = _summary(
         spec, plan, record, chunks_run=chunks_run, wall=time.time() - started,

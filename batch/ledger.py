@@ -23,7 +23,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from batch import store
+from batch import openai_files, store
 from batch.spec import JobSpec
 
 TOKENIZER_NOTE = (
@@ -328,6 +328,9 @@ def build_ledger(
         rate=rate,
     )
     cached = cache_savings(spec, table, markers, rate=rate, run_cost=run_cost, tokens=tokens)
+    file_models: dict[str, Any] = {}
+    if openai_files.applies(spec):  # a request file: priced at its own models too
+        file_models = openai_files.file_models(spec, markers, table, run_cost=run_cost)
     return {
         "job": spec.name,
         "model": spec.model.path,
@@ -352,6 +355,7 @@ def build_ledger(
         "runs": per_run,
         "paid_not_committed": paid_not_committed,
         **({"cache": cached} if cached else {}),
+        **({"file_models": file_models} if file_models else {}),
         "notes": [
             TOKENIZER_NOTE,
             "gpu_seconds: accelerator-seconds held by the engine actors of every run of "
@@ -369,5 +373,6 @@ def build_ledger(
             "the capacity at the measured throughput and utilisation_assumed.",
             *([TYPED_NOTE] if typed else []),
             *([CACHE_NOTE] if cached else []),
+            *([openai_files.FILE_MODELS_NOTE] if file_models else []),
         ],
     }

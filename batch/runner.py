@@ -98,7 +98,9 @@ def prepare_chunk(
         except Exception as exc:  # a user pipeline's bug on this row: still that row's failure
             failures[key] = (type(exc).__name__, str(exc)[:500])
             continue
-        if isinstance(model_input, str):
+        if isinstance(model_input, EngineRequest):  # a pipeline with per-request sampling
+            requests.append(dataclasses.replace(model_input, key=key))
+        elif isinstance(model_input, str):
             requests.append(EngineRequest(key=key, text=model_input))
         else:
             requests.append(EngineRequest(key=key, messages=tuple(model_input)))

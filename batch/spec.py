@@ -31,7 +31,7 @@ from batch.response import (
     compact_to_json_schema,
 )
 
-BUILTIN_PIPELINES = ("generate", "embed")
+BUILTIN_PIPELINES = ("generate", "embed", "openai")
 
 # vLLM engine arguments that change only speed, memory or placement, never what a row becomes:
 # left out of the job fingerprint, so a resume may change them (lower gpu_memory_utilization to
@@ -84,7 +84,11 @@ _ADDED_LATER: dict[tuple[str, str], Any] = {
     ("sampling", "n"): 1,
     ("sampling", "logprobs"): None,
     ("prompt", "chat_template_kwargs"): {},
+    ("input", "openai_models"): None,
 }
+
+#: The prompt of a job whose requests carry their own messages (pipeline openai): unused.
+OPENAI_PROMPT = {"template": "{{ body }}"}
 
 
 class _Spec(BaseModel):
@@ -119,6 +123,12 @@ class InputSpec(_Spec):
         default_factory=dict,
         description="Passed to fsspec for the input filesystem, e.g. "
         "{client_kwargs: {endpoint_url: http://127.0.0.1:8333}} for an S3-compatible server.",
+    )
+    openai_models: list[str] | None = Field(
+        default=None,
+        description="openai-batch with pipeline openai: the model names in request bodies "
+        "(e.g. [gpt-4o-mini]) that this job's one model answers; a request naming another "
+        "fails. Default: any name. The ledger prices each name at its own batch price.",
     )
 
     @model_validator(mode="before")
@@ -501,12 +511,17 @@ class JobSpec(_Spec):
     model: ModelSpec = Field(description="The model and engine.")
     pipeline: str = Field(
         default="",
-        description="generate, embed, or a user pipeline as module:Class. Default: the task's.",
+        description="generate, embed, openai (the requests of an OpenAI batch file, for "
+        "either task), or a user pipeline as module:Class. Default: the task's; openai for "
+        "input.format openai-batch when the job has no prompt.",
     )
     pipeline_options: dict[str, Any] = Field(
         default_factory=dict, description="Keyword arguments for a user pipeline's constructor."
     )
-    prompt: PromptSpec = Field(description="What each row becomes as model input.")
+    prompt: PromptSpec = Field(
+        description="What each row becomes as model input (none with pipeline openai: each "
+        "request carries its messages)."
+    )
     sampling: SamplingSpec = Field(
         default_factory=lambda: SamplingSpec(), description="Sampling parameters (generate)."
     )
@@ -524,6 +539,33 @@ class JobSpec(_Spec):
         default_factory=lambda: CacheSpec(),
         description="The result cache across runs and jobs, and dedup within a run.",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _openai_requests(cls, data: Any) -> Any:
+        """A request file (input.format openai-batch) without a prompt runs its own requests
+        (pipeline openai), which carry their messages: no prompt to write, none allowed."""
+        if not isinstance(data, dict):
+            return data
+        inp = data.get("input")
+        fmt = inp.get("format") if isinstance(inp, dict) else None
+        given = data.get("prompt")
+        bare = given is None or (isinstance(given, dict) and set(given) <= {"chat_template_kwargs"})
+        if not data.get("pipeline") and fmt == "openai-batch" and bare:
+            data = {**data, "pipeline": "openai"}
+        if data.get("pipeline") == "openai":
+            prompt = data.get("prompt")
+            prompt = dict(prompt) if isinstance(prompt, dict) else {}
+            # chat_template_kwargs still apply (e.g. enable_thinking: false for Qwen3)
+            template = prompt.get("template", OPENAI_PROMPT["template"])
+            if prompt.get("system") or template != OPENAI_PROMPT["template"]:
+                raise PydanticCustomError(
+                    "openai_prompt",
+                    "prompt: pipeline openai takes each request's messages from its body; "
+                    "remove prompt (only prompt.chat_template_kwargs applies)",
+                )
+            data = {**data, "prompt": {**prompt, **OPENAI_PROMPT}}
+        return data
 
     @field_validator("name")
     @classmethod
@@ -546,7 +588,18 @@ class JobSpec(_Spec):
 
     @model_validator(mode="after")
     def _consistent(self) -> JobSpec:
-        if self.pipeline in BUILTIN_PIPELINES and self.pipeline != self.model.task:
+        if self.pipeline == "openai":
+            if self.input.format != "openai-batch":
+                raise ValueError(
+                    "pipeline openai reads OpenAI batch request files; set input.format: "
+                    "openai-batch"
+                )
+            if self.response is not None:
+                raise ValueError(
+                    "response: pipeline openai takes each request's response_format from its "
+                    "body; remove response"
+                )
+        elif self.pipeline in BUILTIN_PIPELINES and self.pipeline != self.model.task:
             raise ValueError(
                 f"pipeline '{self.pipeline}' does not fit model.task '{self.model.task}'; "
                 f"set pipeline: {self.model.task} (or leave it out)"

@@ -1,7 +1,9 @@
 """Pipelines: what a row becomes and what comes back.
 
-Built-ins: ``generate`` and ``embed``. A user pipeline is any importable class with the
-interface of :class:`pipelines.base.Pipeline`, named in the job as ``module:Class``.
+Built-ins: ``generate``, ``embed`` and ``openai`` (the requests of an OpenAI batch file: chat
+completions for a generate model, embeddings for an embed model). A user pipeline is any
+importable class with the interface of :class:`pipelines.base.Pipeline`, named in the job as
+``module:Class``.
 """
 
 from __future__ import annotations
@@ -16,19 +18,21 @@ if TYPE_CHECKING:
     from pipelines.base import Pipeline
 
 BUILTIN = {"generate": "pipelines.generate:Generate", "embed": "pipelines.embed:Embed"}
+#: pipeline openai, per model.task.
+OPENAI = {"generate": "pipelines.openai:OpenAIChat", "embed": "pipelines.openai:OpenAIEmbeddings"}
 
 
 def load_pipeline(spec: JobSpec) -> Pipeline:
     """Instantiate the pipeline a job names, with its ``pipeline_options``."""
     name = spec.pipeline_name
-    target = BUILTIN.get(name, name)
+    target = OPENAI[spec.model.task] if name == "openai" else BUILTIN.get(name, name)
     module_name, _, class_name = target.partition(":")
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:
         raise SpecError(
             f"pipeline: cannot import module '{module_name}' ({exc}); make it importable "
-            "(installed, or on PYTHONPATH) or name a built-in: generate, embed"
+            "(installed, or on PYTHONPATH) or name a built-in: generate, embed, openai"
         ) from None
     cls: Any = getattr(module, class_name, None)
     if cls is None:

@@ -13,12 +13,13 @@ from typing import Any, ClassVar, Literal
 
 import pyarrow as pa
 
-from batch.engine import EngineResult
+from batch.engine import EngineRequest, EngineResult
 from batch.prompt import Template
 from batch.spec import JobSpec
 
-ModelInput = list[dict[str, str]] | str
-"""Chat messages (generate) or the text to embed (embed)."""
+ModelInput = list[dict[str, str]] | str | EngineRequest
+"""Chat messages (generate) or the text to embed (embed); or a whole ``EngineRequest`` when
+the row brings its own sampling (``sampling``; its ``key`` is set by the runner)."""
 
 
 class Pipeline:

@@ -48,6 +48,34 @@ class EngineRequest:
     messages: tuple[dict[str, str], ...] | None = None  # chat messages (generate)
     text: str | None = None  # text to embed (embed)
     cache_key: bytes | None = None  # batch.cache.row_key: equal keys get one answer
+    # This request's own sampling, on top of the spec's (``sampling_overrides``); () = none.
+    sampling: tuple[tuple[str, Any], ...] = ()
+
+
+#: Sampling settings a request may carry for itself (an OpenAI batch line's body does):
+#: ``stop`` is a tuple of strings, ``json_schema`` the schema as JSON text (the answer must be
+#: JSON of that schema), ``json_object`` True (the answer must be a JSON object).
+SAMPLING_OVERRIDES = frozenset(
+    {"max_tokens", "temperature", "top_p", "seed", "stop", "n", "presence_penalty",
+     "frequency_penalty", "json_schema", "json_object"}
+)  # fmt: skip
+
+
+def sampling_overrides(**values: Any) -> tuple[tuple[str, Any], ...]:
+    """A request's sampling overrides as ``EngineRequest.sampling``: the set ones, sorted by
+    name, in hashable and picklable form (so the cache key sees them exactly)."""
+    unknown = sorted(set(values) - SAMPLING_OVERRIDES)
+    if unknown:
+        raise ValueError(f"not a per-request sampling setting: {', '.join(unknown)}")
+    out: list[tuple[str, Any]] = []
+    for name in sorted(values):
+        value = values[name]
+        if value is None:
+            continue
+        if name == "stop":
+            value = (value,) if isinstance(value, str) else tuple(str(v) for v in value)
+        out.append((name, value))
+    return tuple(out)
 
 
 @dataclass(slots=True)

@@ -38,6 +38,10 @@ a logprob from a hash, so confidences vary by row. An answer longer than
   ``Sample.reasoning`` (its 3 pseudo-tokens count as output tokens), as vLLM's reasoning
   parser does.
 
+A request's own sampling (``EngineRequest.sampling``) overrides the spec's ``max_tokens``,
+``n``, ``temperature`` and ``stop`` (the answer ends before the first word holding a stop
+string); the other overrides are accepted and ignored.
+
 ``sampling.n`` gives n answers per row (``EngineResult.samples``); at temperature > 0 each
 differs. ``sampling.logprobs: k`` keeps a deterministic logprob per generated token in
 ``Sample.tokens`` and k candidates per token in ``Sample.top`` (the sampled one first).
@@ -165,7 +169,17 @@ class FakeEngine:
             return EngineResult(
                 key=req.key, input_tokens=n_in, embedding=_vector(prompt, self.dims)
             )
-        samples = [self._plain(prompt) for _ in range(self.policy.n)]
+        o = dict(req.sampling)  # the request's own sampling, on top of the spec's
+        n = int(o.get("n", self.policy.n))
+        samples = [
+            self._plain(
+                prompt,
+                int(o.get("max_tokens", self.max_tokens)),
+                float(o.get("temperature", self.temperature)),
+                tuple(o.get("stop", ())),
+            )
+            for _ in range(n)
+        ]
         first = samples[0]
         if not self.policy.keep_tokens:
             for sample in samples:
@@ -179,17 +193,27 @@ class FakeEngine:
             samples=samples,
         )
 
-    def _plain(self, prompt: str) -> Sample:
-        """A plain-text answer: the prompt's first words (one pseudo-token per word)."""
+    def _plain(
+        self,
+        prompt: str,
+        max_tokens: int | None = None,
+        temperature: float | None = None,
+        stop: tuple[str, ...] = (),
+    ) -> Sample:
+        """A plain-text answer: the prompt's first words (one pseudo-token per word). A stop
+        string ends it before the first word holding it, as vLLM leaves the stop out."""
+        max_tokens = self.max_tokens if max_tokens is None else max_tokens
+        temperature = self.temperature if temperature is None else temperature
         words = prompt.split()
-        n_out = (
-            self.max_tokens if self.ignore_eos else min(self.max_tokens, max(1, len(words) // 2))
-        )
+        n_out = max_tokens if self.ignore_eos else min(max_tokens, max(1, len(words) // 2))
         out = (words * (n_out // max(1, len(words)) + 1))[:n_out]
-        if self.temperature > 0 and out:
+        if temperature > 0 and out:
             out[-1] = f"~{_rng.getrandbits(40):010x}"  # sampling: differs on every attempt
+        reason = "length" if n_out == max_tokens else "stop"
+        cut = next((i for i, w in enumerate(out) if any(s in w for s in stop)), None)
+        if cut is not None:
+            out, n_out, reason = out[:cut], cut + 1, "stop"
         pieces = [w if i == 0 else f" {w}" for i, w in enumerate(out)]
-        reason = "length" if n_out == self.max_tokens else "stop"
         return self._sample(prompt, pieces, reason, n_out)
 
     def _sample(self, salt: str, pieces: list[str], reason: str, output_tokens: int) -> Sample:

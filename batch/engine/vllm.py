@@ -21,7 +21,9 @@ engine start, so a schema vLLM cannot follow fails the job, not every row.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
+import json
 import logging
 import os
 import time
@@ -48,9 +50,16 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-# On the CPU, gpu_memory_utilization is the share of host memory vLLM reserves; vLLM's
-# default of 0.92 does not fit next to Ray on a small machine.
-_CPU_DEFAULTS: dict[str, Any] = {"gpu_memory_utilization": 0.4}
+# On the CPU, vLLM sizes the KV cache as gpu_memory_utilization x host memory minus the engine
+# process's own size, and refuses to start when that is not free: its default of 0.92 does not
+# fit next to Ray, two engines at 0.4 do not fit in 24 GiB, and a small share leaves nothing
+# once the engine's own memory is taken off (how two CPU jobs failed at once in CI with
+# "Engine core initialization failed"). A fixed KV cache is what a CPU job needs: 1 GiB holds
+# 64 sequences of ~700 tokens of SmolLM2 and leaves the rest of the machine to Ray and other
+# jobs. A job that sets gpu_memory_utilization or kv_cache_memory_bytes (or the environment's
+# VLLM_CPU_KVCACHE_SPACE) keeps its own.
+CPU_KV_CACHE_BYTES = 1 << 30
+_CPU_MEMORY_ARGS = ("gpu_memory_utilization", "kv_cache_memory_bytes")
 
 # Structured outputs: vLLM reads disable_any_whitespace from the engine's config only (the
 # request-level flag is ignored by every backend), and it needs a named backend.
@@ -60,15 +69,21 @@ _STRUCTURED_DEFAULTS: dict[str, Any] = {"backend": "xgrammar", "disable_any_whit
 def engine_arguments(spec: JobSpec, model_path: str) -> dict[str, Any]:
     """The keyword arguments for vLLM's ``AsyncEngineArgs`` (the same on CPU and GPU)."""
     args: dict[str, Any] = {"model": model_path, "disable_log_stats": True}
-    if spec.resources.device == "cpu":
-        args.update(_CPU_DEFAULTS)
+    if spec.resources.device == "cpu" and not any(
+        k in spec.model.engine_args for k in _CPU_MEMORY_ARGS
+    ):
+        args["kv_cache_memory_bytes"] = CPU_KV_CACHE_BYTES
     elif spec.resources.gpus_per_replica > 1:
         args["tensor_parallel_size"] = int(spec.resources.gpus_per_replica)
     args["max_num_seqs"] = spec.resources.batch_size
     if spec.model.task == "embed":
         args["runner"] = "pooling"
     args.update(spec.model.engine_args)
-    if spec.response is not None and "structured_outputs_config" not in args:
+    # Typed answers, and request files whose lines may ask for JSON (response_format).
+    constrained = spec.response is not None or (
+        spec.pipeline_name == "openai" and spec.model.task == "generate"
+    )
+    if constrained and "structured_outputs_config" not in args:
         args["structured_outputs_config"] = dict(_STRUCTURED_DEFAULTS)
     return args
 
@@ -123,7 +138,7 @@ class VLLMEngine:
         self._response = Response.from_spec(spec.response) if spec.response else None
         engine_kwargs = dict(args)
         structured = engine_kwargs.get("structured_outputs_config")
-        if self._response is not None and isinstance(structured, dict):
+        if isinstance(structured, dict):
             # AsyncEngineArgs converts other config dicts, not this one.
             try:
                 engine_kwargs["structured_outputs_config"] = StructuredOutputsConfig(**structured)
@@ -171,10 +186,23 @@ class VLLMEngine:
         else:
             self._params = vllm.PoolingParams(task="embed")
 
-    def _draw_params(self, d: Draw) -> Any:
+    def _draw_params(self, d: Draw, overrides: dict[str, Any] | None = None) -> Any:
         """A new SamplingParams per draw (not a clone with fields set: SamplingParams fixes
-        greedy-specific fields from the temperature when it is built)."""
+        greedy-specific fields from the temperature when it is built). ``overrides`` are the
+        request's own sampling (``EngineRequest.sampling``), on top of the spec's."""
         kwargs = dict(self._kwargs)
+        o = overrides or {}
+        for name in ("max_tokens", "temperature", "top_p", "seed", "presence_penalty",
+                     "frequency_penalty"):  # fmt: skip
+            if name in o:
+                kwargs[name] = o[name]
+        if "stop" in o:
+            kwargs["stop"] = list(o["stop"]) or None
+        if "json_schema" in o:
+            schema = json.loads(o["json_schema"])
+            kwargs["structured_outputs"] = self._structured_params(json=schema)
+        elif o.get("json_object"):
+            kwargs["structured_outputs"] = self._structured_params(json_object=True)
         if d.n != 1:
             kwargs["n"] = d.n
         if d.temperature is not None:
@@ -253,7 +281,7 @@ class VLLMEngine:
             )
         try:
             with self._watchdog.request():
-                return await self._infer(req.key, ids, request_id, live)
+                return await self._infer(req.key, ids, request_id, live, req.sampling)
         except Exception as exc:
             if isinstance(exc, self._fatal) or not self.healthy():
                 raise  # the engine is broken: the chunk fails and is retried elsewhere
@@ -261,7 +289,12 @@ class VLLMEngine:
             return row_error(req.key, exc, input_tokens=len(ids))
 
     async def _infer(
-        self, key: int, ids: list[int], request_id: str, live: list[str]
+        self,
+        key: int,
+        ids: list[int],
+        request_id: str,
+        live: list[str],
+        sampling: tuple[tuple[str, Any], ...] = (),
     ) -> EngineResult:
         prompt = self._tokens_prompt(prompt_token_ids=ids)
         if self.task == "embed":
@@ -274,11 +307,22 @@ class VLLMEngine:
             vector = pooled.outputs.data.float().tolist()
             return EngineResult(key=key, input_tokens=len(ids), embedding=vector)
 
+        policy, first = self._policy, self._params
+        overrides = dict(sampling)
+        if overrides:  # the request's own sampling: its own params (and n)
+            policy = dataclasses.replace(
+                policy,
+                n=int(overrides.get("n", policy.n)),
+                temperature=float(overrides.get("temperature", policy.temperature)),
+                seed=overrides.get("seed", policy.seed),
+            )
+            first = self._draw_params(Draw(n=policy.n), overrides)
+
         async def draw(d: Draw) -> tuple[int, list[Sample]]:
             if d.round == 0:
-                rid, params = request_id, self._params
+                rid, params = request_id, first
             else:
-                rid, params = f"{request_id}.s{d.round}", self._draw_params(d)
+                rid, params = f"{request_id}.s{d.round}", self._draw_params(d, overrides)
                 live.append(rid)
             final: Any = None
             async for out in self._engine.generate(prompt, params, rid, **self._gen_kwargs):
@@ -292,7 +336,7 @@ class VLLMEngine:
                     _split_reasoning(self._reasoning, sample)
             return len(ids), samples
 
-        return await draw_checked(key, draw, self._response, self._policy)
+        return await draw_checked(key, draw, self._response, policy)
 
     def _tokenize(self, req: EngineRequest) -> list[int]:
         if req.messages is not None:

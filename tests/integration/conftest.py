@@ -35,6 +35,20 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
         yield server
 
 
+@pytest.fixture(autouse=True)
+def _s3_outlives_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """The shared SeaweedFS must outlive every test that used it. In one CI run it died
+    unexplained and every later S3 test failed with a connection error; this fails the test
+    during which it died, with weed's exit code and the tail of its log."""
+    yield
+    if "s3" not in request.fixturenames:
+        return
+    server: S3Server = request.getfixturevalue("s3")
+    code = server.process.poll()
+    if code is not None:
+        pytest.fail(f"SeaweedFS exited with code {code} during this test:\n{server.log_tail(80)}")
+
+
 @pytest.fixture(scope="session")
 def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayHead]:
     """A Ray head (``ray start --head``) shared by the session; clients need ``.env``."""

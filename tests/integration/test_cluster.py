@@ -104,9 +104,6 @@ def test_generate_job_on_the_cluster_and_resubmit_attaches(
         # plain text (this test is about the cluster, not typed answers), short answers
         f"input.path={inp}", f"output.path={out}", "response=null", "sampling.max_tokens=16",
         "resources.rows_per_chunk=4",
-        # A small KV cache: the machine is shared with other vLLM runs (vLLM-CPU reserves this
-        # share of host memory up front and refuses to start without it).
-        "model.engine_args.gpu_memory_utilization=0.15",
     ]  # fmt: skip
     args = ["submit", "jobs/enrich.yaml", "--address", ray_cluster.address]
     for item in sets:

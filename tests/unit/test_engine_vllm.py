@@ -671,3 +671,23 @@ def test_a_failing_reasoning_parser_keeps_the_whole_text_and_warns(
     assert r.error_kind is None and r.text == "<think>hmm positive"
     assert r.samples[0].reasoning is None and r.samples[0].offset == 0
     assert "reasoning parser failed" in caplog.text
+
+
+# ---------------------------------------------------------------- memory on the CPU
+
+
+def test_a_cpu_job_gets_a_fixed_kv_cache_unless_it_sizes_memory_itself() -> None:
+    """On the CPU, vLLM's share-of-host-memory sizing refused to start two engines at once (CI:
+    "Engine core initialization failed"); a CPU job now asks for a fixed KV cache instead, and
+    a job that sets either memory argument keeps exactly what it set."""
+    default = engine_arguments(job(**{"resources.device": "cpu"}), "/m")
+    assert default["kv_cache_memory_bytes"] == 1 << 30
+    assert "gpu_memory_utilization" not in default
+    share = engine_arguments(
+        job(**{"model.engine_args": "{gpu_memory_utilization: 0.3}"}), "/m"
+    )
+    assert share["gpu_memory_utilization"] == 0.3 and "kv_cache_memory_bytes" not in share
+    fixed = engine_arguments(job(**{"model.engine_args": "{kv_cache_memory_bytes: 123}"}), "/m")
+    assert fixed["kv_cache_memory_bytes"] == 123
+    gpu = engine_arguments(job(**{"resources.device": "gpu"}), "/m")
+    assert "kv_cache_memory_bytes" not in gpu and "gpu_memory_utilization" not in gpu
