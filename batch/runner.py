@@ -598,6 +598,12 @@ def configure_ray_data(verbose: bool) -> None:
     ctx.log_internal_stack_trace_to_stdout = False
 
 
+# chunks_in_flight with a result cache: the smallest share of a chunk's rows assumed to reach
+# the engine, and a bound on the chunks one engine holds at once.
+CACHE_MISS_FLOOR = 0.2
+MAX_CHUNKS_IN_FLIGHT = 64
+
+
 def chunks_in_flight(spec: JobSpec) -> int:
     """Chunks each engine holds at once: ``resources.chunks_in_flight``, raised when needed
     so that the engine's batch is full and one more chunk waits in its queue. Then a slot that
@@ -605,7 +611,16 @@ def chunks_in_flight(spec: JobSpec) -> int:
     through Ray Data for the next chunk.
     """
     res = spec.resources
-    return max(res.chunks_in_flight, -(-res.batch_size // res.rows_per_chunk) + 1)
+    full = -(-res.batch_size // res.rows_per_chunk) + 1
+    if spec.cache.path is not None and spec.cache.mode != "write":
+        # With a result cache most of a chunk's rows may never reach the engine: a nightly
+        # rerun sends it only the changed and new ones. Sized for full chunks, the engine's
+        # batch ran a fifth full on a second night with 20% misses; so count on as few as
+        # CACHE_MISS_FLOOR of each chunk's rows reaching it. A fully cached chunk passes
+        # through at once, so holding more of them costs little.
+        rows = max(1, int(res.rows_per_chunk * CACHE_MISS_FLOOR))
+        full = max(full, min(-(-res.batch_size // rows) + 1, MAX_CHUNKS_IN_FLIGHT))
+    return max(res.chunks_in_flight, full)
 
 
 def local_model(spec: JobSpec) -> bool:

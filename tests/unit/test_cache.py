@@ -524,3 +524,30 @@ def test_two_jobs_write_one_cache_at_once(ray_once: None, tmp_path: Path) -> Non
     # every answer served is one that a job wrote in its output
     texts = {t for out in outputs for t in out["generated_text"].to_pylist()}
     assert {json.loads(found[k])["text"] for k in keys} <= texts
+
+
+def test_a_job_reading_a_cache_holds_enough_chunks_for_a_full_batch_of_misses(
+    tmp_path: Path,
+) -> None:
+    """A second night sends the engine only a chunk's changed rows: sized for full chunks, its
+    batch of 64 ran a fifth full. Reading a cache, an engine holds chunks for a full batch
+    when as few as a fifth of their rows miss; writing only, or no cache, as before."""
+    from batch.runner import chunks_in_flight
+    from batch.spec import parse_spec
+
+    def spec(*sets: str) -> int:
+        text = f"""
+name: n
+input: {{path: {tmp_path}}}
+output: {{path: {tmp_path / "o"}}}
+model: {{path: m, engine: fake}}
+prompt: {{template: "{{{{ t }}}}"}}
+resources: {{rows_per_chunk: 16, batch_size: 64, chunks_in_flight: 2}}
+"""
+        return chunks_in_flight(parse_spec(text, overrides=list(sets)))
+
+    assert spec() == 5  # 64 rows = 4 full chunks, plus one waiting
+    assert spec(f"cache.path={tmp_path / 'c'}") == 23  # 64 / int(16 x 0.2) rows, + 1
+    assert spec(f"cache.path={tmp_path / 'c'}", "cache.mode=write") == 5
+    assert spec(f"cache.path={tmp_path / 'c'}", "resources.batch_size=512") == 64  # bounded
+    assert spec(f"cache.path={tmp_path / 'c'}", "resources.chunks_in_flight=80") == 80
