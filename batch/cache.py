@@ -94,8 +94,8 @@ def model_identity(spec: JobSpec) -> dict[str, Any]:
     change under the same name, and a cache must not serve answers of other weights).
     """
     path = spec.model.path
-    if spec.model.engine == "fake":
-        return {"engine": "fake", "path": path}
+    if spec.model.engine in ("fake", "sim"):
+        return {"engine": spec.model.engine, "path": path}
     from batch.models import BUILTIN_PREFIX, resolve_model
 
     local = resolve_model(path) if path.startswith(BUILTIN_PREFIX) else path
@@ -168,6 +168,8 @@ def namespace_fields(spec: JobSpec, model: Mapping[str, Any]) -> dict[str, Any]:
     }
     if spec.model.engine == "fake":
         fields["fake_options"] = dumped["model"]["fake_options"]
+    if spec.model.engine == "sim":
+        fields["sim_options"] = dumped["model"]["sim_options"]
     if spec.model.task == "generate":  # an embedding does not sample
         fields["sampling"] = dumped["sampling"]
         fields["chat_template_kwargs"] = dumped["prompt"]["chat_template_kwargs"]

@@ -85,6 +85,7 @@ _ADDED_LATER: dict[tuple[str, str], Any] = {
     ("sampling", "logprobs"): None,
     ("prompt", "chat_template_kwargs"): {},
     ("input", "openai_models"): None,
+    ("model", "sim_options"): None,
 }
 
 #: The prompt of a job whose requests carry their own messages (pipeline openai): unused.
@@ -152,6 +153,43 @@ class OutputSpec(_Spec):
     )
 
 
+class SimOptions(_Spec):
+    """The simulated engine's accelerator (batch.engine.sim): a calibrated profile, and any of
+    its figures overridden. Times are simulated seconds; ``time_scale`` runs them faster."""
+
+    profile: Literal["h100-llama3-8b", "h200-llama3-8b"] = Field(
+        default="h100-llama3-8b",
+        description="Calibrated accelerator + model (docs/simulated-engine.md has the sources).",
+    )
+    time_scale: float = Field(
+        default=1.0, gt=0, description="Simulated seconds per wall second (100: 100x faster)."
+    )
+    max_num_seqs: int | None = Field(
+        default=None, ge=1, description="Batch limit (vLLM max_num_seqs); default the profile's."
+    )
+    decode_base_ms: float | None = Field(
+        default=None, gt=0, description="Decode step time at batch 0 (weights read), ms."
+    )
+    decode_per_seq_ms: float | None = Field(
+        default=None, ge=0, description="Added decode step time per sequence in the batch, ms."
+    )
+    prefill_tokens_per_s: float | None = Field(
+        default=None, gt=0, description="Prompt tokens the accelerator prefills per second."
+    )
+    startup_s: float | None = Field(
+        default=None, ge=0, description="Seconds from start to ready (model load, warm-up)."
+    )
+    output_tokens_mean: float | None = Field(
+        default=None,
+        gt=0,
+        description="Mean answer length in tokens before max_tokens cuts it (geometric "
+        "distribution seeded by the prompt); default the profile's.",
+    )
+    chars_per_token: float = Field(
+        default=4.0, gt=0, description="Prompt characters per input token (English ~4)."
+    )
+
+
 class ModelSpec(_Spec):
     path: str = Field(
         description="The model: a local directory, a model id the engine can load, or a bundled "
@@ -161,9 +199,11 @@ class ModelSpec(_Spec):
         default="generate",
         description="generate: text out of a chat prompt; embed: a vector per row.",
     )
-    engine: Literal["vllm", "fake"] = Field(
+    engine: Literal["vllm", "fake", "sim"] = Field(
         default="vllm",
-        description="vllm (the real engine) or fake (deterministic, for tests and dry wiring).",
+        description="vllm (the real engine), fake (deterministic, for tests and dry wiring) or "
+        "sim (a simulated accelerator, calibrated on published figures; for fleet tests and "
+        "capacity planning, see docs/simulated-engine.md).",
     )
     engine_args: dict[str, Any] = Field(
         default_factory=dict,
@@ -178,6 +218,17 @@ class ModelSpec(_Spec):
         default_factory=dict,
         description="Only for engine: fake. Fault injection and speed (see batch.engine.fake).",
     )
+    sim_options: SimOptions | None = Field(
+        default=None,
+        description="Only for engine: sim. The accelerator profile and its overrides "
+        "(see docs/simulated-engine.md).",
+    )
+
+    @model_validator(mode="after")
+    def _options_fit_engine(self) -> ModelSpec:
+        if self.sim_options is not None and self.engine != "sim":
+            raise ValueError(f"model.sim_options needs model.engine: sim (got {self.engine})")
+        return self
 
 
 class PromptSpec(_Spec):
@@ -699,6 +750,8 @@ class JobSpec(_Spec):
             if key in relevant[section] and relevant[section][key] == default:
                 relevant[section].pop(key)
         relevant["input"].pop("storage_options", None)
+        if relevant["model"].get("sim_options"):  # how fast a simulation runs changes no row
+            relevant["model"]["sim_options"].pop("time_scale", None)
         relevant["model"]["engine_args"] = {
             k: v
             for k, v in relevant["model"]["engine_args"].items()

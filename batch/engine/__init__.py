@@ -426,6 +426,10 @@ def build_engine(spec: JobSpec, model_path: str) -> Engine:
         from batch.engine.fake import FakeEngine
 
         return FakeEngine(spec)
+    if spec.model.engine == "sim":
+        from batch.engine.sim import SimEngine
+
+        return SimEngine(spec)
     from batch.engine.vllm import VLLMEngine
 
     return VLLMEngine(spec, model_path)
