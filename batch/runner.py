@@ -147,6 +147,15 @@ def _me() -> tuple[int, float]:
     return os.getpid(), psutil.Process().create_time()
 
 
+def _node_id() -> str:
+    """The Ray node this process runs on ('' outside Ray)."""
+    import ray
+
+    if not ray.is_initialized():
+        return ""
+    return str(ray.get_runtime_context().get_node_id())
+
+
 def reap(engines: dict[str, dict[str, Any]], grace: float = 15.0) -> int:
     """After Ray shut down, end engine processes on this machine that outlived their actor.
 
@@ -236,9 +245,13 @@ class EngineStage:
         )
         # The accelerator is held from now on (model load included): record it durably, so a
         # run killed at any moment has still billed the time its engines held.
+        self.node_id = _node_id()
         self.clock = store.EngineClock(
             self.fs, self.root, run_id, self.actor, accelerators=accelerators(self.spec)
-        ).start()
+        )
+        if self.node_id:  # which Ray node held the time (hosts can run several nodes)
+            self.clock.doc["node_id"] = self.node_id
+        self.clock.start()
         if self.spec.model.engine == "vllm":
             from batch.models import resolve_model
 
@@ -263,6 +276,7 @@ class EngineStage:
             "created": self.created,
             "ready": self.ready,
             "host": socket.gethostname(),
+            **({"node_id": self.node_id} if self.node_id else {}),
             "processes": [_me(), *self.engine.processes()],
             "niceness": os.getpriority(os.PRIO_PROCESS, 0),
             **({"cpus": self.cpus} if self.cpus else {}),

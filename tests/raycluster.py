@@ -66,6 +66,8 @@ class RayHead:
     log_path: Path
     process: subprocess.Popen[bytes]
     ports: dict[str, int] = field(default_factory=dict)
+    marker: str = ""  # MARKER's value in every process of this head (and of its worker nodes)
+    proc_env: dict[str, str] = field(default_factory=dict)  # the environment `ray start` had
 
     def client_env(self) -> dict[str, str]:
         """This process's environment plus :attr:`env`, for a client subprocess."""
@@ -133,12 +135,22 @@ def _jobs_api_ready(address: str, headers: dict[str, str]) -> bool:
 
 
 @contextlib.contextmanager
-def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
+def ray_head(
+    tmp_dir: Path,
+    *,
+    num_cpus: int = 2,
+    num_gpus: int = 0,
+    extra_env: dict[str, str] | None = None,
+    resources: dict[str, float] | None = None,
+) -> Iterator[RayHead]:
     """Start a Ray head on 127.0.0.1, wait until its Jobs API answers, stop it after.
 
     ``tmp_dir`` holds the head's log and token; Ray's own session folder goes to a short path
     under the system temp folder (Unix socket paths are limited to 107 bytes) and is removed.
     No ``ray`` CLI skips the test, or fails it under CI (tests/realparts.py).
+    ``num_gpus`` declares GPUs the machine need not have (Ray schedules against them);
+    ``extra_env`` reaches every process of the head (e.g. ``RAY_health_check_*``);
+    ``resources`` are custom resources of the head node. tests/multinode.py adds worker nodes.
     """
     ray = realparts.ray_binary()
     tmp_dir.mkdir(parents=True, exist_ok=True)
@@ -171,6 +183,7 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
         "HF_HUB_OFFLINE": "1",
         # As if the venv were activated: a job's entrypoint `python` is this interpreter.
         "PATH": os.pathsep.join((str(Path(sys.executable).parent), os.environ.get("PATH", ""))),
+        **(extra_env or {}),
     }
     env.pop("RAY_ADDRESS", None)
     args = [
@@ -185,8 +198,9 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
         f"--node-manager-port={ports['node_manager']}",
         f"--object-manager-port={ports['object_manager']}",
         f"--min-worker-port={worker_lo}", f"--max-worker-port={worker_lo + 200}",
-        f"--num-cpus={num_cpus}", "--num-gpus=0", f"--object-store-memory={512 * 1024**2}",
-        f"--temp-dir={temp_dir}",
+        f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
+        f"--object-store-memory={512 * 1024**2}", f"--temp-dir={temp_dir}",
+        *([f"--resources={json.dumps(resources)}"] if resources else []),
     ]  # fmt: skip
     log_path = tmp_dir / "ray-head.log"
     log = log_path.open("wb")
@@ -201,6 +215,8 @@ def ray_head(tmp_dir: Path, *, num_cpus: int = 2) -> Iterator[RayHead]:
         log_path=log_path,
         process=proc,
         ports=ports,
+        marker=marker,
+        proc_env=env,
     )
     try:
         deadline = time.monotonic() + READY_TIMEOUT_S
