@@ -113,18 +113,33 @@ def main() -> None:
     ap.add_argument("--profile", default="h100-llama3-8b", choices=sorted(PROFILES))
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--results", type=Path, default=REPO / "benchmarks" / "results")
+    ap.add_argument("--gpus-per-node", type=int, default=GPUS_PER_NODE)
+    ap.add_argument(
+        "--merge",
+        type=Path,
+        default=None,
+        help="a fleet.json of an earlier run on this machine whose sizes this run does not "
+        "measure again (a long run done in parts)",
+    )
     args = ap.parse_args()
     counts = [int(x) for x in args.replicas.split(",")]
-    nodes = max(1, -(-max(counts) // GPUS_PER_NODE))
+    gpn = args.gpus_per_node
+    nodes = max(1, -(-max(counts) // gpn))
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-fleet-"))
     work.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, Any]] = []
+    if args.merge:
+        earlier = json.loads(args.merge.read_text())["results"]
+        rows = [
+            dict(r, merged_from=str(args.merge)) for r in earlier if r["replicas"] not in counts
+        ]
     t0 = time.monotonic()
+    cluster_up = 0.0
     with local_cluster(
-        work / "cluster", workers=nodes - 1, gpus_per_node=GPUS_PER_NODE, worker_cpus=2
+        work / "cluster", workers=nodes - 1, gpus_per_node=gpn, worker_cpus=2
     ) as cluster:
         cluster_up = time.monotonic() - t0
-        print(f"cluster: {nodes} nodes x {GPUS_PER_NODE} GPUs up in {cluster_up:.0f}s")
+        print(f"cluster: {nodes} nodes x {gpn} GPUs up in {cluster_up:.0f}s")
         for n in counts:
             job = job_file(work, n, args.chunks_per_replica, args)
             t = time.monotonic()
@@ -138,7 +153,16 @@ def main() -> None:
             row = measure(work / f"out-{n}", n)
             row["wall_s"] = round(time.monotonic() - t, 1)
             rows.append(row)
-            print(json.dumps(row))
+            rows.sort(key=lambda r: int(r["replicas"]))
+            print(json.dumps(row), flush=True)
+            write(args, nodes, cluster_up, rows, t0)  # after each size: a cut-short run keeps them
+    print((args.results / "fleet.md").read_text())
+
+
+def write(
+    args: argparse.Namespace, nodes: int, cluster_up: float, rows: list[dict[str, Any]],
+    t0: float,
+) -> None:  # fmt: skip
     base = next((r for r in rows if r["replicas"] == 1), None)
     for r in rows:
         for key in ("steady", "window"):
@@ -149,7 +173,7 @@ def main() -> None:
         "benchmark": "fleet",
         "command": "python benchmarks/fleet.py " + " ".join(sys.argv[1:]),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "cluster": {"nodes": nodes, "gpus_per_node": GPUS_PER_NODE, "up_s": round(cluster_up)},
+        "cluster": {"nodes": nodes, "gpus_per_node": args.gpus_per_node, "up_s": round(cluster_up)},
         "profile": describe(PROFILES[args.profile]),
         "job": {
             "chunks_per_replica": args.chunks_per_replica,
@@ -163,7 +187,6 @@ def main() -> None:
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n")
     (args.results / "fleet.md").write_text(render(doc))
-    print(render(doc))
 
 
 def render(doc: dict[str, Any]) -> str:
