@@ -183,6 +183,7 @@ def write(
         },
         "results": rows,
         "total_s": round(time.monotonic() - t0),
+        "load_average_1m_at_end": round(os.getloadavg()[0], 1),
     }
     args.results.mkdir(parents=True, exist_ok=True)
     (args.results / "fleet.json").write_text(json.dumps(doc, indent=2) + "\n")
@@ -222,6 +223,7 @@ def render(doc: dict[str, Any]) -> str:
         "driver share this machine's 2 cores (and other work on it); on a real fleet each GPU "
         "node brings its own CPUs. The simulated engine itself uses next to no CPU.",
         "",
+        *([doc["note"], ""] if doc.get("note") else []),
     ]
     return "\n".join(lines)
 
