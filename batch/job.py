@@ -23,7 +23,15 @@ from batch import cache, openai_files, storage, store
 from batch import plan as planning
 from batch.errors import BatchInferError, LeaseLost, TerminalError
 from batch.progress import Reporter
-from batch.runner import build_dataset, configure_ray_data, local_model, ray_session, reap
+from batch.runner import (
+    build_dataset,
+    configure_ray_data,
+    feed_window,
+    local_model,
+    ray_session,
+    reap,
+    start_gate,
+)
 from batch.spec import JobSpec
 from batch.summary import RunSummary
 
@@ -167,18 +175,24 @@ def _run_pending(
             # on the driver, so a bad or unreachable cache fails before any engine starts.
             ctx = cache.context(spec, run.run_id)
             flusher = cache.Flusher(ctx)
+            rollups = store.RollupWriter(spec)
             try:
                 with ray_session(
                     address, verbose=verbose, hub_offline=local_model(spec)
                 ) as session:
                     configure_ray_data(verbose)
-                    ds = build_dataset(spec, plan, model_path, session, run.run_id, ctx)
+                    gate = start_gate(spec)
+                    ds = build_dataset(spec, plan, model_path, session, run.run_id, ctx, gate)
                     reporter.engines_starting(spec.resources.replicas, usd_per_hour)
+                    step = max(1, feed_window(spec) // 8)
                     try:
-                        for row in ds.iter_rows():
+                        for n, row in enumerate(ds.iter_rows(), 1):
+                            if n % step == 0:  # the feed may hand out more chunks
+                                gate.set_committed.remote(n)
                             stats = pickle.loads(row["stats"])
                             engines[stats["engine"].get("actor", "")] = stats["engine"]
                             flusher.add(stats.pop("cache_fragments", []))
+                            rollups.add(stats.pop("rollup", None))
                             reporter.chunk_done(stats)
                         released = time.time()
                         _close_cache(flusher, reporter)
@@ -191,6 +205,7 @@ def _run_pending(
                         raise _one_line(exc) from exc
                     finally:
                         released = released or time.time()
+                        rollups.flush()  # the markers committed so far, killed run or not
                         if flusher.pending:  # a failed run: keep what it committed
                             with contextlib.suppress(Exception):
                                 flusher.close()
@@ -232,7 +247,7 @@ def finalize(
     ledger from every run, and, when every input chunk is committed, the manifest."""
     from batch.ledger import build_ledger
 
-    markers = store.read_markers(spec)
+    markers = store.read_markers(spec, write_back=True)
     t = store.totals(markers)
     store.collect_garbage(spec, markers)
     led = build_ledger(spec, markers, store.read_runs(spec))

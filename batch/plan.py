@@ -38,6 +38,7 @@ string column per key, for every format (URL-escaped values are decoded, and
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import hashlib
 import io
@@ -45,10 +46,10 @@ import json
 import logging
 import re
 import urllib.parse
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, overload
 
 import fsspec
 import pyarrow as pa
@@ -136,12 +137,15 @@ class Footer:
 
 @dataclass
 class Plan:
+    """``chunks`` and ``pending`` are lists or :class:`ChunkList` (cut on demand: a job's plan
+    does not hold its chunks)."""
+
     files: list[InputFile]
-    chunks: list[Chunk]
+    chunks: Sequence[Chunk]
     done: set[str]
     schema: pa.Schema
     protocol: str
-    pending: list[Chunk] = field(default_factory=list)
+    pending: Sequence[Chunk] = field(default_factory=list)
     listing: str = ""  # digest of the input listing (relative paths and row counts)
     fingerprint: str = ""  # of the listing and everything in the spec that shapes the output
 
@@ -151,6 +155,8 @@ class Plan:
 
     @property
     def pending_rows(self) -> int:
+        if isinstance(self.pending, ChunkList):
+            return self.pending.rows
         return sum(c.rows for c in self.pending)
 
     @property
@@ -188,22 +194,147 @@ def cut_chunks(
     schema_bytes = schema.serialize().to_pybytes() if schema is not None else b""
     for f in files:
         stem = _stem(f.relpath)  # once per file, not per chunk
-        for i, start in enumerate(range(0, f.num_rows, rows_per_chunk)):
-            end = min(start + rows_per_chunk, f.num_rows)
-            cid = chunk_id(f.relpath, start, end, stem)
-            if f.layout is not None:
-                if f.layout.rows_per_chunk != rows_per_chunk:
-                    raise ValueError("the text layout was made for another rows_per_chunk")
-                (b0, line), (b1, _) = f.layout.starts[i], f.layout.starts[i + 1]
-                yield InputChunk(cid, f.path, f.relpath, start, end, fmt=fmt,
-                                 partition_keys=partition_keys, byte_start=b0, byte_end=b1,
-                                 line_start=line, text_rows=end - start, header=f.layout.header,
-                                 schema=schema_bytes)  # fmt: skip
-            elif partition_keys:
-                yield InputChunk(cid, f.path, f.relpath, start, end,
-                                 partition_keys=partition_keys)  # fmt: skip
-            else:
-                yield Chunk(cid, f.path, f.relpath, start, end)
+        for i in range(-(-f.num_rows // rows_per_chunk)):
+            yield _make_chunk(f, i, rows_per_chunk, stem, fmt, partition_keys, schema_bytes)
+
+
+def _make_chunk(
+    f: InputFile,
+    i: int,
+    rows_per_chunk: int,
+    stem: str,
+    fmt: str,
+    partition_keys: tuple[str, ...],
+    schema_bytes: bytes,
+) -> Chunk:
+    """Chunk ``i`` of file ``f``: a pure function of its arguments."""
+    start = i * rows_per_chunk
+    end = min(start + rows_per_chunk, f.num_rows)
+    cid = chunk_id(f.relpath, start, end, stem)
+    if f.layout is not None:
+        if f.layout.rows_per_chunk != rows_per_chunk:
+            raise ValueError("the text layout was made for another rows_per_chunk")
+        (b0, line), (b1, _) = f.layout.starts[i], f.layout.starts[i + 1]
+        return InputChunk(cid, f.path, f.relpath, start, end, fmt=fmt,
+                          partition_keys=partition_keys, byte_start=b0, byte_end=b1,
+                          line_start=line, text_rows=end - start, header=f.layout.header,
+                          schema=schema_bytes)  # fmt: skip
+    if partition_keys:
+        return InputChunk(cid, f.path, f.relpath, start, end, partition_keys=partition_keys)
+    return Chunk(cid, f.path, f.relpath, start, end)
+
+
+class ChunkList(Sequence[Chunk]):
+    """The chunks of a list of files (all of them, or those not in ``done``), cut on demand.
+
+    It holds the files and runs of consecutive kept chunk numbers per file, never the chunks:
+    a plan of a million chunks costs its files and the runs its committed chunks break, and
+    iterating it streams. Indexing and slicing work as on a list.
+    """
+
+    def __init__(
+        self,
+        files: Sequence[InputFile],
+        rows_per_chunk: int,
+        *,
+        fmt: str = "parquet",
+        partition_keys: tuple[str, ...] = (),
+        schema: pa.Schema | None = None,
+        done: set[str] | None = None,
+        _runs: list[tuple[int, int, int]] | None = None,
+        _schema_bytes: bytes | None = None,
+    ) -> None:
+        self.files = list(files)
+        self.rows_per_chunk = rows_per_chunk
+        self.fmt, self.partition_keys = fmt, partition_keys
+        self._schema_bytes = (
+            _schema_bytes if _schema_bytes is not None
+            else schema.serialize().to_pybytes() if schema is not None else b""
+        )  # fmt: skip
+        self._stems = [_stem(f.relpath) for f in self.files]
+        if _runs is None:
+            _runs = []
+            for n, f in enumerate(self.files):
+                count = -(-f.num_rows // rows_per_chunk)
+                if not done:
+                    if count:
+                        _runs.append((n, 0, count))
+                    continue
+                first = None
+                for i in range(count):
+                    start = i * rows_per_chunk
+                    end = min(start + rows_per_chunk, f.num_rows)
+                    if chunk_id(f.relpath, start, end, self._stems[n]) in done:
+                        if first is not None:
+                            _runs.append((n, first, i))
+                            first = None
+                    elif first is None:
+                        first = i
+                if first is not None:
+                    _runs.append((n, first, count))
+        self._runs = _runs  # (file number, first chunk number, end chunk number)
+        self._offsets = [0]
+        self.rows = 0
+        for n, a, b in self._runs:
+            self._offsets.append(self._offsets[-1] + b - a)
+            f = self.files[n]
+            self.rows += min(b * rows_per_chunk, f.num_rows) - a * rows_per_chunk
+
+    def _chunk(self, n: int, i: int) -> Chunk:
+        return _make_chunk(self.files[n], i, self.rows_per_chunk, self._stems[n], self.fmt,
+                           self.partition_keys, self._schema_bytes)  # fmt: skip
+
+    def __len__(self) -> int:
+        return self._offsets[-1]
+
+    def __iter__(self) -> Iterator[Chunk]:
+        for n, a, b in self._runs:
+            for i in range(a, b):
+                yield self._chunk(n, i)
+
+    @overload
+    def __getitem__(self, index: int) -> Chunk: ...
+    @overload
+    def __getitem__(self, index: slice) -> list[Chunk]: ...
+    def __getitem__(self, index: int | slice) -> Chunk | list[Chunk]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        if index < 0:
+            index += len(self)
+        if not 0 <= index < len(self):
+            raise IndexError(index)
+        r = bisect.bisect_right(self._offsets, index) - 1
+        n, a, _ = self._runs[r]
+        return self._chunk(n, a + index - self._offsets[r])
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, Sequence):
+            return len(self) == len(other) and list(self) == list(other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"ChunkList({len(self)} chunks of {len(self.files)} files)"
+
+    def part(self, start: int, stop: int) -> ChunkList:
+        """Chunks ``start`` to ``stop`` as a ChunkList holding only the files they are of (what
+        one read task of the chunk feed carries)."""
+        runs: list[tuple[int, int, int]] = []
+        files: list[InputFile] = []
+        renumber: dict[int, int] = {}
+        for r, (n, a, b) in enumerate(self._runs):
+            lo, hi = self._offsets[r], self._offsets[r + 1]
+            if hi <= start or lo >= stop:
+                continue
+            a2, b2 = a + max(0, start - lo), b - max(0, hi - stop)
+            if n not in renumber:
+                renumber[n] = len(files)
+                files.append(self.files[n])
+            runs.append((renumber[n], a2, b2))
+        return ChunkList(files, self.rows_per_chunk, fmt=self.fmt,
+                         partition_keys=self.partition_keys, _runs=runs,
+                         _schema_bytes=self._schema_bytes)  # fmt: skip
 
 
 def list_input(
@@ -419,10 +550,8 @@ def plan_chunks(
     text_schema = None
     if fmt in ("jsonl", "csv") and schema is not None:  # the files' own columns
         text_schema = pa.schema([f for f in schema if f.name not in (*keys, PARSE_ERROR)])
-    chunks = list(
-        cut_chunks(files, spec.resources.rows_per_chunk, fmt=fmt, partition_keys=keys,
-                   schema=text_schema)
-    )  # fmt: skip
+    rows_per_chunk = spec.resources.rows_per_chunk
+    chunks = ChunkList(files, rows_per_chunk, fmt=fmt, partition_keys=keys, schema=text_schema)
     plan = Plan(files=files, chunks=chunks, done=done, schema=schema or pa.schema([]),
                 protocol=protocol)  # fmt: skip
     # A file's identity joins its path, so a same-size rewrite changes the listing too.
@@ -430,7 +559,8 @@ def plan_chunks(
         [(f"{f.relpath}\t{f.identity}" if f.identity else f.relpath, f.num_rows) for f in files]
     )
     plan.fingerprint = store.job_fingerprint(spec, plan.listing)
-    plan.pending = [c for c in chunks if c.chunk_id not in done]
+    plan.pending = ChunkList(files, rows_per_chunk, fmt=fmt, partition_keys=keys,
+                             schema=text_schema, done=done)  # fmt: skip
     return plan
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import pickle
@@ -411,10 +412,13 @@ def commit_work(
         extra.update(typed_usage([r for r in results if r.source == "engine"]))
     if cache is not None:
         extra.update(cache_usage(results))
+    rollup: list[dict[str, Any]] = []
     marker = store.commit_chunk(
         spec, work.chunk, data, failed, extra, fingerprint=fingerprint, attempts=work.attempts,
-        run_id=run_id, attempts_started=work.attempts_started,
+        run_id=run_id, attempts_started=work.attempts_started, rollup=rollup,
     )  # fmt: skip
+    # The marker as committed, for the driver's rollup (before the stats below change it).
+    marker["rollup"] = rollup[0] if rollup else None
     marker["timings"] = dict(marker.get("timings", {}), commit_s=time.perf_counter() - t0)
     if cache is not None and cache.write and cache.root and not marker.get("adopted"):
         marker["cache_fragments"] = _cache_new_answers(work, cache)
@@ -650,18 +654,23 @@ def build_dataset(
     session: cpus.Session | None = None,
     run_id: str = "",
     cache: CacheContext | None = None,
+    gate: Any = None,
 ) -> Any:
-    """The chunk pipeline. With ``session`` (a local Ray this run started) and the CPU device,
-    engine actors keep the run's other processes off the engine's cores (batch.cpus)."""
+    """The chunk pipeline, fed by :func:`chunk_source` (held back by ``gate``, a
+    :class:`FeedGate` the driver tells how many chunks have committed). With ``session`` (a
+    local Ray this run started) and the CPU device, engine actors keep the run's other
+    processes off the engine's cores (batch.cpus)."""
     import ray.data
 
     spec_json = spec.model_dump_json()
     res = spec.resources
-    identities = plan.identities
-    items = [
-        {"chunk": pickle.dumps(c), "identity": identities.get(c.path, "")} for c in plan.pending
-    ]
-    ds: Any = ray.data.from_items(items, override_num_blocks=len(items))
+    # One chunk per block from the feed on: a block is cut as soon as it holds a row, so Ray
+    # Data never merges chunks (it would otherwise pack the feed's small rows together).
+    ray.data.DataContext.get_current().target_max_block_size = 1
+    ds: Any = ray.data.read_datasource(
+        chunk_source(plan, gate), override_num_blocks=max(1, -(-len(plan.pending) // FEED_TASK)),
+        concurrency=1, num_cpus=0,
+    )  # fmt: skip
     # Light stages ask for a fraction of a CPU so reads and commits always find room next to
     # the engines (logical CPUs are a scheduling budget; see docs/architecture.md).
     ds = ds.map(
@@ -705,3 +714,132 @@ def build_dataset(
         num_cpus=0.25,
     )
     return ds
+
+
+# --------------------------------------------------------------------------- chunk feed
+
+#: Chunks per read task of the feed: the driver holds one small task object per this many.
+FEED_TASK = 1000
+
+
+def feed_window(spec: JobSpec) -> int:
+    """Chunks the feed may have handed out and not yet seen committed: enough to keep every
+    engine's slots full with one chunk more queued for each, and reads and commits moving."""
+    return max(64, 4 * spec.resources.replicas * chunks_in_flight(spec))
+
+
+class FeedGate:
+    """A Ray actor (no CPU) that holds how many chunks the driver has seen committed. The
+    feed's read task waits on it before handing out chunk ``n`` until ``n < committed +
+    window``: then the chunks in flight, and what the driver holds for them, stay bounded
+    however long the job (Ray Data's own backpressure counts bytes and lets small rows run
+    ahead)."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.committed = 0
+
+    def set_committed(self, n: int) -> None:
+        self.committed = max(self.committed, n)
+
+    def allowed(self) -> int:
+        return self.committed + self.window
+
+
+def start_gate(spec: JobSpec) -> Any:
+    """The run's FeedGate, on the driver's node (it is the driver's counter)."""
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+    actor: Any = ray.remote(FeedGate)
+    return actor.options(num_cpus=0, max_restarts=-1, scheduling_strategy=here).remote(
+        feed_window(spec)
+    )
+
+
+def _wait_for_room(gate: Any, position: int, allowed: int) -> int:
+    """Block until chunk ``position`` may be handed out; returns the new allowance. A gate
+    that cannot be reached opens (the feed then runs unbounded rather than stall the job)."""
+    import ray
+
+    while position >= allowed:
+        try:
+            allowed = int(ray.get(gate.allowed.remote(), timeout=30))
+        except Exception as exc:
+            log.warning("the chunk feed's gate is unreachable (%s); feeding without it", exc)
+            return 1 << 62
+        if position >= allowed:
+            time.sleep(0.1)
+    return allowed
+
+
+def _feed_rows(chunks: Sequence[planning.Chunk], identities: dict[str, str], gate: Any,
+               first: int) -> Iterator[pa.Table]:  # fmt: skip
+    """A read task of the feed: one single-row block per chunk, ``first`` its position."""
+    allowed = 0 if gate is not None else 1 << 62
+    for n, c in enumerate(chunks):
+        if gate is not None:
+            allowed = _wait_for_room(gate, first + n, allowed)
+        yield pa.table({"chunk": [pickle.dumps(c)], "identity": [identities.get(c.path, "")]},
+                       schema=FEED_SCHEMA)  # fmt: skip
+
+
+FEED_SCHEMA = pa.schema([("chunk", pa.binary()), ("identity", pa.string())])
+
+
+def chunk_feed(plan: planning.Plan) -> Iterator[dict[str, Any]]:
+    """The rows the feed hands Ray Data, in order, streamed (what the read tasks yield)."""
+    identities = plan.identities
+    for c in plan.pending:
+        yield {"chunk": pickle.dumps(c), "identity": identities.get(c.path, "")}
+
+
+def _feed_task_parts(plan: planning.Plan) -> Iterator[tuple[int, Sequence[planning.Chunk]]]:
+    """(first position, chunks) of each read task: a ChunkList part (files and runs only),
+    or a slice of a plain list (retry-failed's few chunks)."""
+    pending = plan.pending
+    for a in range(0, len(pending), FEED_TASK):
+        b = min(a + FEED_TASK, len(pending))
+        yield a, (pending.part(a, b) if isinstance(pending, planning.ChunkList)
+                  else list(pending[a:b]))  # fmt: skip
+
+
+def _chunk_feed_source() -> Any:
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class _ChunkFeed(Datasource):
+        """The plan's pending chunks as a Ray Data source: read tasks of FEED_TASK chunks
+        each, made from the plan's files and runs (never from a list of every chunk)."""
+
+        def __init__(self, plan: planning.Plan, gate: Any) -> None:
+            self.plan, self.gate = plan, gate
+
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_name(self) -> str:
+            return "ChunkFeed"
+
+        def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                           data_context: Any = None) -> list[Any]:  # fmt: skip
+            identities = self.plan.identities
+            tasks = []
+            for first, part in _feed_task_parts(self.plan):
+                paths = {c.path for c in part} if not isinstance(part, planning.ChunkList) \
+                    else {f.path for f in part.files}  # fmt: skip
+                ids = {p: identities[p] for p in paths if p in identities}
+                meta = BlockMetadata(num_rows=len(part), size_bytes=None, input_files=None,
+                                     exec_stats=None)  # fmt: skip
+                tasks.append(ReadTask(functools.partial(_feed_rows, part, ids, self.gate, first),
+                                      meta, schema=FEED_SCHEMA))  # fmt: skip
+            return tasks
+
+    return _ChunkFeed
+
+
+def chunk_source(plan: planning.Plan, gate: Any = None) -> Any:
+    """The feed's Datasource (its class is made on first use: importing this module does not
+    import Ray Data)."""
+    return _chunk_feed_source()(plan, gate)

@@ -27,7 +27,7 @@ def output_status(spec: JobSpec, *, repair: bool = False, force: bool = False) -
     lease = store.current_lease(fs, root)
     lease_doc = lease[1] if lease else None
     running = bool(lease_doc and store.lease_is_live(lease_doc))
-    markers = store.read_markers(spec)
+    markers = store.read_markers(spec, write_back=repair and not running)
     t = store.totals(markers)
     grace = 0.0 if force else store.GARBAGE_GRACE_SECONDS
     repaired: dict[str, Any] = {}

@@ -261,6 +261,11 @@ def _is_s3(fs: fsspec.AbstractFileSystem) -> bool:
     return bool(_protocols(fs) & S3_PROTOCOLS)
 
 
+def is_s3(fs: fsspec.AbstractFileSystem) -> bool:
+    """An S3 filesystem (s3fs)."""
+    return _is_s3(fs)
+
+
 def open_fs(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
@@ -589,12 +594,13 @@ def list_files(
     reason: fsspec's walk drops folders it may not list.)
     """
 
+    if not recursive:
+        return [str(e["name"]) for e in list_entries(fs, root, suffix)]
+
     def find() -> list[str]:
         fs.invalidate_cache(root)
         try:
-            if recursive:
-                return list(fs.find(root, withdirs=False))
-            return [e["name"] for e in fs.ls(root, detail=True) if e["type"] != "directory"]
+            return list(fs.find(root, withdirs=False))
         except FileNotFoundError:
             return []
 
@@ -606,4 +612,32 @@ def list_files(
         p
         for p in paths
         if p.endswith(suffix) and not posixpath.basename(p.rstrip("/")).startswith(".")
+    )
+
+
+def list_entries(
+    fs: fsspec.AbstractFileSystem, root: str, suffix: str
+) -> list[dict[str, Any]]:
+    """:func:`list_files` (one level) with what the listing says of each file (size, ETag or
+    inode and mtime), sorted by name: the same requests as the names alone."""
+
+    def ls() -> list[dict[str, Any]]:
+        fs.invalidate_cache(root)
+        try:
+            return [e for e in fs.ls(root, detail=True) if e["type"] != "directory"]
+        except FileNotFoundError:
+            return []
+
+    try:
+        entries = _retrying(ls)
+    except PermissionError as exc:
+        raise PermissionError(_list_refused(fs, root, exc)) from exc
+    return sorted(
+        (
+            e
+            for e in entries
+            if str(e["name"]).endswith(suffix)
+            and not posixpath.basename(str(e["name"]).rstrip("/")).startswith(".")
+        ),
+        key=lambda e: str(e["name"]),
     )

@@ -11,6 +11,7 @@ Layout (a contract; see the README's "Output layout")::
     data/part-<chunk>.<token>.parquet      rows; <token> is unique to the commit attempt
     _failed/part-<chunk>.<token>.parquet   rows that failed, with their reason
     _markers/<chunk>.json     the commit: names exactly the chunk's parts and their counts
+    _rollup/<name>.jsonl.gz   a cache of many markers (their bytes and listing stamps)
     _MANIFEST.json            the committed parts, rewritten by every finishing operation
     ledger.json               the cost ledger, summed over every run
 
@@ -32,8 +33,16 @@ The exactly-once argument, in full:
    failed part it supersedes; from the moment that marker exists, the superseded part is
    garbage, so a row is counted in the retry's parts or in the old failed part, never both.
 5. Readers go through the markers, never the folder listing: totals, the manifest and the
-   ledger are sums over markers. After a finishing operation (which collects the garbage),
-   ``data/`` and ``_failed/`` read as folders hold exactly what the manifest lists.
+   ledger are sums over markers. They find which markers exist by listing ``_markers/``; a
+   marker's content may come from a rollup (``_rollup/``), a create-only cache of many
+   markers written by the driver as chunks commit and by finalize, read with one request per
+   file instead of one per marker. A rollup entry is used only for a marker the listing
+   shows with the same stamp (S3: its ETag; local disk: size, inode and modification time),
+   so a marker missing from every rollup is read itself, a rollup entry whose marker is
+   absent is ignored, and a marker created anew after one was removed is never read from a
+   stale rollup. The marker stays the commit point; a lost or damaged rollup costs reads.
+   After a finishing operation (which collects the garbage), ``data/`` and ``_failed/``
+   read as folders hold exactly what the manifest lists.
 6. Each marker checks that its chunk's rows are all accounted for: rows + failed rows =
    the chunk's size, or the commit is refused (an input that changed under the job).
 
@@ -50,6 +59,7 @@ SIGKILL has still recorded at least the accelerator time it held.
 from __future__ import annotations
 
 import contextlib
+import gzip
 import hashlib
 import json
 import logging
@@ -67,6 +77,7 @@ from typing import Any
 import fsspec
 import pyarrow as pa
 import pyarrow.compute as pc
+from fsspec.implementations.local import LocalFileSystem
 
 from batch import storage
 from batch.errors import InputChanged, LeaseHeld, SpecError
@@ -79,6 +90,7 @@ LEASE_DIR = "_lease"
 RUNS_DIR = "_runs"
 ATTEMPTS_DIR = "_attempts"
 MARKERS = "_markers"
+ROLLUP = "_rollup"
 DATA = "data"
 FAILED = "_failed"
 MANIFEST = "_MANIFEST.json"
@@ -663,9 +675,11 @@ def commit_chunk(
     attempts: int = 0,
     run_id: str = "",
     attempts_started: int | None = None,
+    rollup: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """Write the chunk's parts under attempt-unique names, then its marker; return the marker
-    that committed the chunk (this attempt's, or the one that won before it)."""
+    that committed the chunk (this attempt's, or the one that won before it). If this attempt
+    created the marker, its rollup entry (stamp and content) is appended to ``rollup``."""
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
     n_data = data.num_rows if data is not None else 0
     n_failed = failed.num_rows if failed is not None else 0
@@ -730,6 +744,11 @@ def commit_chunk(
         existing["adopted"] = True
         return existing
     fault_point("after-marker")
+    if rollup is not None:
+        with contextlib.suppress(Exception):  # a cache entry: without it the marker is read
+            stamp = _created_stamp(fs, marker_path, body)
+            if stamp is not None:
+                rollup.append({"stamp": stamp, "marker": json.loads(body)})
     if chunk.retry_of:
         # The retry's marker supersedes the failed part: its rows now live in this chunk.
         remove_quietly(fs, storage.join(root, chunk.retry_of))
@@ -768,13 +787,136 @@ def committed_chunk_ids(spec: JobSpec) -> set[str]:
     return set(list_markers(spec))
 
 
-def read_markers(spec: JobSpec, chunk_ids: Iterable[str] | None = None) -> list[dict[str, Any]]:
-    """Committed chunks' markers (all of them by default)."""
+def read_markers(
+    spec: JobSpec, chunk_ids: Iterable[str] | None = None, *, write_back: bool = False
+) -> list[dict[str, Any]]:
+    """Committed chunks' markers (all of them by default), in listing order.
+
+    One listing of ``_markers/`` says which exist; their content comes from the rollups when an
+    entry's stamp matches the listing, else from the marker itself (one request each). With
+    ``write_back`` (finishing operations), markers read one by one are written to a new rollup,
+    so the next reader does not read them again.
+    """
     fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
-    ids = list_markers(spec) if chunk_ids is None else list(chunk_ids)
-    paths = [storage.join(root, marker_name(c)) for c in ids]
+    listed = {
+        str(e["name"]).rsplit("/", 1)[-1].removesuffix(".json"): marker_stamp(e)
+        for e in storage.list_entries(fs, storage.join(root, MARKERS), ".json")
+    }
+    ids = list(listed) if chunk_ids is None else list(chunk_ids)
+    found: dict[str, dict[str, Any]] = {}
+    if len(ids) >= ROLLUP_MIN_READ:  # a few markers cost fewer requests than the rollups
+        for cid, (stamp, doc) in read_rollups(fs, root, set(ids)).items():
+            if listed.get(cid) == stamp:
+                found[cid] = doc
+    missing = [c for c in ids if c not in found]
+    paths = [storage.join(root, marker_name(c)) for c in missing]
     with ThreadPoolExecutor(max_workers=16) as pool:
-        return list(pool.map(lambda p: storage.read_json(fs, p), paths))
+        for cid, doc in zip(missing, pool.map(lambda p: storage.read_json(fs, p), paths),
+                            strict=True):  # fmt: skip
+            found[cid] = doc
+    if write_back and len(missing) >= ROLLUP_MIN_WRITE:
+        entries = [{"stamp": listed[c], "marker": found[c]} for c in missing if c in listed]
+        for i in range(0, len(entries), ROLLUP_MARKERS):
+            with contextlib.suppress(Exception):  # a cache: failing to write it costs reads
+                write_rollup(fs, root, entries[i : i + ROLLUP_MARKERS])
+    return [found[c] for c in ids]
+
+
+# --------------------------------------------------------------------------- rollups
+
+#: Markers per rollup file (the driver writes one each time this many chunks committed).
+ROLLUP_MARKERS = 2000
+#: Fewer markers than this are read one by one (cheaper than reading every rollup).
+ROLLUP_MIN_READ = 64
+#: A finishing operation that read at least this many markers one by one writes them back.
+ROLLUP_MIN_WRITE = 16
+
+
+def marker_stamp(entry: Mapping[str, Any]) -> str:
+    """What a listing says of a marker that changes if it is ever created anew: its ETag
+    (S3: the MD5 of its bytes), else its size, inode and modification time (local disk)."""
+    etag = entry.get("ETag") or entry.get("etag")
+    if etag:
+        return str(etag).strip('"')
+    return f"{entry.get('size')}:{entry.get('ino')}:{entry.get('mtime')}"
+
+
+def _created_stamp(fs: Any, path: str, body: bytes) -> str | None:
+    """The stamp a listing will show for the marker this attempt just created; None where it
+    cannot be known without asking (the marker is then read, not taken from a rollup)."""
+    if isinstance(fs, LocalFileSystem):
+        return marker_stamp(fs.info(path))
+    if storage.is_s3(fs):  # a single PUT's ETag is the MD5 of its bytes (not with SSE-KMS)
+        return hashlib.md5(body, usedforsecurity=False).hexdigest()
+    return None
+
+
+def write_rollup(fs: Any, root: str, entries: list[dict[str, Any]]) -> str | None:
+    """Write ``entries`` ({"stamp", "marker"}) as a new rollup, create-only under a fresh
+    name (two writers never collide); returns its name relative to the output."""
+    if not entries:
+        return None
+    name = f"{ROLLUP}/{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:12]}"
+    name += ".jsonl.gz"
+    lines = "".join(json.dumps(e, sort_keys=True) + "\n" for e in entries)
+    body = gzip.compress(lines.encode(), compresslevel=5)
+    if not storage.create_only(fs, storage.join(root, name), body):
+        return None  # a fresh name was taken: impossible but harmless (it is a cache)
+    return name
+
+
+def read_rollups(
+    fs: Any, root: str, wanted: set[str] | None = None
+) -> dict[str, tuple[str, dict[str, Any]]]:
+    """chunk id -> (stamp, marker) from every rollup (only ``wanted`` ids if given). A rollup
+    that cannot be read or parsed is skipped: its markers are then read one by one."""
+    paths = storage.list_files(fs, storage.join(root, ROLLUP), ".jsonl.gz")
+
+    def one(path: str) -> list[dict[str, Any]]:
+        try:
+            text = gzip.decompress(fs.cat_file(path)).decode()
+            return [json.loads(line) for line in text.splitlines() if line]
+        except Exception as exc:
+            log.warning("rollup %s is unreadable (%s); its markers are read one by one", path,
+                        exc)  # fmt: skip
+            return []
+
+    out: dict[str, tuple[str, dict[str, Any]]] = {}
+    with ThreadPoolExecutor(max_workers=16) as pool:
+        for entries in pool.map(one, paths):
+            for e in entries:
+                doc = e.get("marker") if isinstance(e, dict) else None
+                if not isinstance(doc, dict) or not isinstance(e.get("stamp"), str):
+                    continue
+                cid = str(doc.get("chunk_id", ""))
+                if wanted is None or cid in wanted:
+                    out[cid] = (e["stamp"], doc)
+    return out
+
+
+class RollupWriter:
+    """Driver side: collects the markers of committed chunks (from their stats) and writes a
+    rollup every ``ROLLUP_MARKERS``; bounded memory, one request per rollup."""
+
+    def __init__(self, spec: JobSpec, every: int = ROLLUP_MARKERS) -> None:
+        self.fs, self.root = storage.open_fs(spec.output.path, spec.output.storage_options)
+        self.every = every
+        self.pending: list[dict[str, Any]] = []
+        self.written = 0
+
+    def add(self, entry: dict[str, Any] | None) -> None:
+        if entry:
+            self.pending.append(entry)
+        if len(self.pending) >= self.every:
+            self.flush()
+
+    def flush(self) -> None:
+        entries, self.pending = self.pending, []
+        try:
+            if write_rollup(self.fs, self.root, entries):
+                self.written += 1
+        except Exception as exc:  # a cache: finalize reads these markers one by one instead
+            log.warning("could not write a marker rollup: %s", exc)
 
 
 def write_json(spec: JobSpec, name: str, doc: dict[str, Any], *, create_only: bool) -> bool:
