@@ -729,20 +729,32 @@ def feed_window(spec: JobSpec) -> int:
 
 
 class FeedGate:
-    """A Ray actor (no CPU) that holds how many chunks the driver has seen committed. The
-    feed's read task waits on it before handing out chunk ``n`` until ``n < committed +
-    window``: then the chunks in flight, and what the driver holds for them, stay bounded
-    however long the job (Ray Data's own backpressure counts bytes and lets small rows run
-    ahead)."""
+    """A Ray actor (no CPU, async) that holds how many chunks the driver has seen committed.
+    The feed's read task asks it for room before handing out chunk ``n``; the answer comes
+    once ``n < committed + window``. Then the chunks in flight, and what the driver holds for
+    them, stay bounded however long the job (Ray Data's own backpressure counts bytes and
+    lets small rows run ahead)."""
 
     def __init__(self, window: int) -> None:
         self.window = window
         self.committed = 0
+        self._moved: Any = None  # an asyncio.Event, made in the actor's loop
 
-    def set_committed(self, n: int) -> None:
-        self.committed = max(self.committed, n)
+    def _event(self) -> Any:
+        if self._moved is None:
+            self._moved = asyncio.Event()
+        return self._moved
 
-    def allowed(self) -> int:
+    async def set_committed(self, n: int) -> None:
+        if n > self.committed:
+            self.committed = n
+            moved, self._moved = self._event(), asyncio.Event()
+            moved.set()
+
+    async def room(self, position: int) -> int:
+        """Returns (the new allowance) once chunk ``position`` may be handed out."""
+        while position >= self.committed + self.window:
+            await self._event().wait()
         return self.committed + self.window
 
 
@@ -765,13 +777,16 @@ def _wait_for_room(gate: Any, position: int, allowed: int) -> int:
 
     while position >= allowed:
         try:
-            allowed = int(ray.get(gate.allowed.remote(), timeout=30))
+            allowed = int(ray.get(gate.room.remote(position), timeout=GATE_WAIT_S))
+        except ray.exceptions.GetTimeoutError:
+            continue  # no commit for a while (a slow engine start): ask again
         except Exception as exc:
             log.warning("the chunk feed's gate is unreachable (%s); feeding without it", exc)
             return 1 << 62
-        if position >= allowed:
-            time.sleep(0.1)
     return allowed
+
+
+GATE_WAIT_S = 300.0
 
 
 def _feed_rows(chunks: Sequence[planning.Chunk], identities: dict[str, str], gate: Any,
