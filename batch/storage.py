@@ -615,6 +615,12 @@ def list_files(
     )
 
 
+def local_entry(path: str, st: os.stat_result) -> dict[str, Any]:
+    """What :func:`list_entries` says of a local file (the fields fsspec's ``info`` has)."""
+    return {"name": path, "type": "file", "size": st.st_size, "ino": st.st_ino,
+            "mtime": st.st_mtime}  # fmt: skip
+
+
 def list_entries(
     fs: fsspec.AbstractFileSystem, root: str, suffix: str
 ) -> list[dict[str, Any]]:
@@ -624,6 +630,9 @@ def list_entries(
     def ls() -> list[dict[str, Any]]:
         fs.invalidate_cache(root)
         try:
+            if isinstance(fs, LocalFileSystem):  # fsspec's ls costs ~50 us a file in Python
+                with os.scandir(root) as it:
+                    return [local_entry(e.path, e.stat()) for e in it if e.is_file()]
             return [e for e in fs.ls(root, detail=True) if e["type"] != "directory"]
         except FileNotFoundError:
             return []

@@ -845,7 +845,7 @@ def _created_stamp(fs: Any, path: str, body: bytes) -> str | None:
     """The stamp a listing will show for the marker this attempt just created; None where it
     cannot be known without asking (the marker is then read, not taken from a rollup)."""
     if isinstance(fs, LocalFileSystem):
-        return marker_stamp(fs.info(path))
+        return marker_stamp(storage.local_entry(path, os.stat(path)))
     if storage.is_s3(fs):  # a single PUT's ETag is the MD5 of its bytes (not with SSE-KMS)
         return hashlib.md5(body, usedforsecurity=False).hexdigest()
     return None
