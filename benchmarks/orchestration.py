@@ -443,7 +443,49 @@ def main() -> None:
     doc = json.loads(path.read_text()) if path.exists() else {}
     doc.setdefault("runs", []).append(result)
     path.write_text(json.dumps(doc, indent=2) + "\n")
+    (RESULTS / "orchestration.md").write_text(render(doc))
     print(json.dumps(result, indent=2))
+
+
+def render(doc: dict[str, Any]) -> str:
+    """Every run's figures as tables (``orchestration.md``; notes live in ``doc["notes"]``)."""
+    out = ["# Orchestration cost (fake engine taking no time)", ""]
+    out += [f"- {n}" for n in doc.get("notes", [])] + [""]
+    jobs = ["| run | code | storage | rows | chunks | wall s | plan s | finalize s | CPU s (all "
+            "processes) | CPU ms/chunk | driver CPU s | driver peak RSS MiB | object store "
+            "peak MiB | status s | resubmit s |", "|" + "---|" * 15]  # fmt: skip
+    plans = ["| run | code | rows | chunks | make_plan s | feed s | peak RSS MiB |",
+             "|" + "---|" * 7]  # fmt: skip
+    marks = ["| run | storage | markers | code | status (nothing cached) s | finalize 1 s | "
+             "finalize 2 s | status 2 s |", "|" + "---|" * 8]  # fmt: skip
+    for i, run in enumerate(doc.get("runs", []), 1):
+        tag = f"{i} ({run.get('date', '')})"
+        for r in run.get("jobs", []):
+            jobs.append(
+                f"| {tag} | {r['code']} | {r['storage']} | {r['rows']:,} | {r['chunks']:,} | "
+                f"{r['wall_s']} | {r['plan_s']} | {r['finalize_s']} | {r['tree_cpu_s']} | "
+                f"{r['cpu_ms_per_chunk']} | {r['driver_cpu_s']} | {r['driver_peak_rss_mib']} | "
+                f"{r['plasma_peak_mib']} | {r['status_s']} | {r['resubmit_s']} |"
+            )
+        for r in run.get("plan", []):
+            plans.append(f"| {tag} | {r['code']} | {r['rows']:,} | {r['chunks']:,} | "
+                         f"{r['plan_s']} | {r['feed_s']} | {r['peak_rss_mib']} |")  # fmt: skip
+        for r in run.get("markers", []):
+            for code in ("before", "after"):
+                if f"{code}_status_1_s" not in r:
+                    continue
+                marks.append(
+                    f"| {tag} | {r['storage']} | {r['markers']:,} | {code} | "
+                    f"{r[f'{code}_status_1_s']} | {r.get(f'{code}_finalize_1_s', '')} | "
+                    f"{r.get(f'{code}_finalize_2_s', '')} | {r.get(f'{code}_status_2_s', '')} |"
+                )
+    for title, rows in (("Jobs", jobs), ("Plan and feed, driver side only", plans),
+                        ("Finalize and status over many markers", marks)):  # fmt: skip
+        if len(rows) > 2:
+            out += [f"## {title}", "", *rows, ""]
+    out += ["Commands:", ""] + [f"- `{r.get('command')}` (git {r.get('git')})"
+                                for r in doc.get("runs", [])]  # fmt: skip
+    return "\n".join(out) + "\n"
 
 
 if __name__ == "__main__":
