@@ -805,9 +805,8 @@ def read_markers(
     ids = list(listed) if chunk_ids is None else list(chunk_ids)
     found: dict[str, dict[str, Any]] = {}
     if len(ids) >= ROLLUP_MIN_READ:  # a few markers cost fewer requests than the rollups
-        for cid, (stamp, doc) in read_rollups(fs, root, set(ids)).items():
-            if listed.get(cid) == stamp:
-                found[cid] = doc
+        wanted = {c: listed[c] for c in ids if c in listed}
+        found.update((cid, doc) for cid, (_, doc) in read_rollups(fs, root, wanted).items())
     missing = [c for c in ids if c not in found]
     paths = [storage.join(root, marker_name(c)) for c in missing]
     with ThreadPoolExecutor(max_workers=16) as pool:
@@ -866,10 +865,12 @@ def write_rollup(fs: Any, root: str, entries: list[dict[str, Any]]) -> str | Non
 
 
 def read_rollups(
-    fs: Any, root: str, wanted: set[str] | None = None
+    fs: Any, root: str, wanted: Mapping[str, str] | None = None
 ) -> dict[str, tuple[str, dict[str, Any]]]:
-    """chunk id -> (stamp, marker) from every rollup (only ``wanted`` ids if given). A rollup
-    that cannot be read or parsed is skipped: its markers are then read one by one."""
+    """chunk id -> (stamp, marker) from every rollup; given ``wanted`` (chunk id -> the stamp
+    its listing shows), only entries with that id and stamp (of several rollups naming a
+    chunk, the one that matches). A rollup that cannot be read or parsed is skipped: its
+    markers are then read one by one."""
     paths = storage.list_files(fs, storage.join(root, ROLLUP), ".jsonl.gz")
 
     def one(path: str) -> list[dict[str, Any]]:
@@ -889,7 +890,7 @@ def read_rollups(
                 if not isinstance(doc, dict) or not isinstance(e.get("stamp"), str):
                     continue
                 cid = str(doc.get("chunk_id", ""))
-                if wanted is None or cid in wanted:
+                if wanted is None or wanted.get(cid) == e["stamp"]:
                     out[cid] = (e["stamp"], doc)
     return out
 

@@ -111,10 +111,16 @@ def test_a_marker_created_anew_is_not_read_from_a_stale_rollup(tmp_path: Path) -
     store.write_rollup(fs, root, entries)
     os.remove(tmp_path / store.marker_name("c0003"))
     time.sleep(0.01)
-    again = commit(s, 3)
+    fresh: list[dict[str, Any]] = []
+    again = commit(s, 3, fresh)
     markers = {m["chunk_id"]: m for m in store.read_markers(s)}
     assert markers["c0003"]["data_part"] == again["data_part"]
     assert markers["c0003"]["data_part"] != entries[3]["marker"]["data_part"]
+    # Both the stale and the fresh entry in rollups, in either order: the fresh one is used.
+    store.write_rollup(fs, root, fresh)
+    store.write_rollup(fs, root, entries[3:4])
+    markers = {m["chunk_id"]: m for m in store.read_markers(s)}
+    assert markers["c0003"]["data_part"] == again["data_part"]
 
 
 def test_damaged_rollups_and_two_writers(tmp_path: Path) -> None:
