@@ -197,8 +197,22 @@ def submit(
             "environment instead of refusing the job (they are never written into its files).",
         ),
     ] = False,
+    output: Annotated[
+        str | None,
+        typer.Option(
+            "--output",
+            "-o",
+            help="For an OpenAI batch request file given instead of a job: the output folder "
+            "(default: <file stem>-out/ next to the file).",
+        ),
+    ] = None,
 ) -> None:
     """Run a job, or resume it: chunks already committed in the output are skipped.
+
+    JOB may also be an OpenAI Batch API request file (requests.jsonl: custom_id, method, url,
+    body per line): it runs on the bundled CPU model for its endpoint (SmolLM2-135M-Instruct
+    for /v1/chat/completions, all-MiniLM-L6-v2 for /v1/embeddings), and the output holds
+    openai/output.jsonl and openai/errors.jsonl as the provider would return them.
 
     Shows a progress bar on a terminal and JSON lines otherwise (Airflow logs). Exits 0 when
     every input row is in data/ or _failed/; the last line counts rows and failures.
@@ -222,6 +236,14 @@ def submit(
     json_lines = not sys.stdout.isatty()
     _configure_logging(verbose, json_lines)
     from batch.cluster import is_jobs_api
+    from batch.request_files import is_request_file
+
+    request_file = is_request_file(job)
+    if output and not request_file:
+        _fail(f"--output is for an OpenAI request file; {job} is a job: use --set output.path=", 2)
+    if address and is_jobs_api(address) and request_file:
+        _fail("an OpenAI request file runs here or with a ray:// address; for the Jobs API write "
+              "a job YAML (input.format: openai-batch) or use `batchinfer serve --address`", 2)
 
     if address and is_jobs_api(address):
         code = _follow_remote(
@@ -239,7 +261,12 @@ def submit(
             2,
         )
     try:
-        spec = _load_job(job, set_ or [])
+        if request_file:
+            from batch.request_files import default_spec
+
+            spec = default_spec(job, output, set_ or [])
+        else:
+            spec = _load_job(job, set_ or [])
     except SpecError as exc:
         _fail(str(exc), 2)
         return
@@ -739,6 +766,96 @@ def stop(
         _fail(str(exc), 1)
         return
     typer.echo(line)
+
+
+@app.command()
+def serve(
+    job: Annotated[
+        list[Path],
+        typer.Option(
+            "--job",
+            "-j",
+            help="A base job per endpoint: model, resources, sampling defaults and "
+            "input.openai_models (no input path, no output). Its model.task decides what it "
+            "answers: generate -> /v1/chat/completions, embed -> /v1/embeddings. Repeatable.",
+        ),
+    ],
+    store_url: Annotated[
+        str | None,
+        typer.Option(
+            "--store",
+            help="Where uploaded files, batch records and every batch's job output live (a "
+            "local folder or any fsspec URL). A server started again on the same store resumes "
+            "its unfinished batches. Default: $BATCHINFER_HOME/serve, else ./batchinfer-serve.",
+        ),
+    ] = None,
+    storage_options: StorageOption = None,
+    api_key_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--api-key-file",
+            help="API keys, one 'owner: key' line each; a key sees only its owner's files and "
+            "batches. Also read: $BATCHINFER_SERVE_KEYS=owner:key,owner2:key2. No key, no "
+            "server.",
+        ),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Interface to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    address: Annotated[
+        str | None,
+        typer.Option(
+            help="Run the batches' jobs on this Ray cluster (as `batchinfer submit --address`: "
+            "http://HEAD:8265 for the Jobs API, ray://HEAD:10001). The store must then be a URL "
+            "the cluster can read, such as s3://. Default: a local Ray per job.",
+        ),
+    ] = None,
+    max_running: Annotated[
+        int, typer.Option("--max-running", help="Batches whose jobs run at once; the rest wait.")
+    ] = 1,
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Log every batch step.")] = False,
+) -> None:
+    """Serve the OpenAI Files and Batches API; each batch runs as a batchinfer job.
+
+    Clients keep their code: point the official SDK at this server
+    (OpenAI(base_url="http://HOST:PORT/v1", api_key=...)), then files.create(purpose="batch"),
+    batches.create(completion_window="24h"), batches.retrieve until completed, and
+    files.content(output_file_id). A batch not done when its completion window ends is stopped
+    and marked expired (requests not done go to the error file as batch_expired); a cancel
+    stops the job and keeps what was done. Each batch's job output (ledger.json included: the
+    cost against the file's own model) is under <store>/batches/<batch id>/out/.
+
+    Examples:
+
+      BATCHINFER_SERVE_KEYS=me:sk-local-123456 batchinfer serve --job jobs/serve.yaml
+
+      batchinfer serve --job jobs/serve.yaml --job jobs/serve-embed.yaml \\
+          --api-key-file keys.txt --store s3://bucket/batches/ --address http://HEAD:8265
+    """
+    from batch.serve import ServeConfig, default_store, read_bases, read_keys
+    from batch.serve_state import Store
+
+    _configure_logging(verbose, False)
+    try:
+        keys = read_keys(api_key_file)
+        bases = read_bases(job)
+        options = _storage_options(storage_options)
+    except SpecError as exc:
+        _fail(str(exc), 2)
+        return
+    if max_running < 1:
+        _fail("--max-running: give 1 or more", 2)
+    config = ServeConfig(
+        store=Store(store_url or default_store(), options), keys=keys, bases=bases,
+        address=address, max_running=max_running,
+    )  # fmt: skip
+    typer.echo(
+        f"batchinfer serve: http://{host}:{port}/v1 ({', '.join(sorted(bases))}), store "
+        f"{config.store.url}, {len(set(keys.values()))} owner(s)",
+        err=True,
+    )
+    from batch.serve import serve as run_server
+
+    run_server(config, host, port)
 
 
 class _TyperScreen:
