@@ -51,12 +51,15 @@ def requests_file(n: int, model: str = "gpt-4o-mini") -> bytes:
 class Server:
     """An app over a store, its supervisor on a clock the test can move."""
 
-    def __init__(self, store: Path, jobs: Path, delay: float = 0.0) -> None:
+    def __init__(
+        self, store: Path, jobs: Path, delay: float = 0.0, *, jobs_at_once: int = 1
+    ) -> None:
         jobs.write_text(BASE.format(delay=delay))
         self.offset = 0.0
         config = ServeConfig(store=Store(str(store), {}), keys=KEYS,
                              bases=read_bases([jobs]), poll_s=0.2)  # fmt: skip
         self.supervisor = Supervisor(config.store, config.bases, poll_s=0.2,
+                                     max_running=jobs_at_once,
                                      clock=lambda: time.time() + self.offset)  # fmt: skip
         self.http = TestClient(create_app(config, self.supervisor))
 
@@ -90,12 +93,17 @@ def lines_of(client: OpenAI, file_id: str | None) -> list[dict[str, Any]]:
 
 @pytest.fixture
 def server(tmp_path: Path) -> Iterator[Server]:
-    with Server(tmp_path / "store", tmp_path / "serve.yaml") as s:
+    """A server that validates batches but starts no job (the API alone)."""
+    with Server(tmp_path / "store", tmp_path / "serve.yaml", jobs_at_once=0) as s:
         yield s
 
 
-def test_a_batch_runs_to_completed_in_the_sdks_shapes(server: Server) -> None:
-    client = server.client()
+def test_a_batch_runs_to_completed_in_the_sdks_shapes(tmp_path: Path) -> None:
+    with Server(tmp_path / "store", tmp_path / "serve.yaml") as server:
+        completed_in_the_sdks_shapes(server.client())
+
+
+def completed_in_the_sdks_shapes(client: OpenAI) -> None:
     f = client.files.create(file=("req.jsonl", requests_file(5)), purpose="batch")
     assert isinstance(f, FileObject) and f.bytes > 0 and f.purpose == "batch"
     assert client.files.retrieve(f.id).filename == "req.jsonl"
@@ -230,3 +238,47 @@ def test_no_keys_no_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> N
     keys.write_text("# owners\nalice: sk-alice-123456\n")
     monkeypatch.setenv("BATCHINFER_SERVE_KEYS", "bob:sk-bob-12345678")
     assert read_keys(keys) == KEYS
+
+
+# --------------------------------------------------------------------------- submit requests.jsonl
+
+
+def test_a_request_file_gets_the_default_cpu_job_for_its_endpoint(tmp_path: Path) -> None:
+    from batch.request_files import default_spec, is_request_file
+
+    chat = tmp_path / "nightly.jsonl"
+    chat.write_bytes(b"not json\n" + requests_file(2))
+    spec = default_spec(chat, None, [])
+    assert spec.model.path == "builtin:smollm2-135m-instruct" and spec.model.task == "generate"
+    assert spec.input.format == "openai-batch" and spec.pipeline_name == "openai"
+    assert spec.output.path == str(tmp_path / "nightly-out")
+    emb = tmp_path / "emb.jsonl"
+    emb.write_text(json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/embeddings",
+                               "body": {"model": "m", "input": "x"}}) + "\n")  # fmt: skip
+    spec = default_spec(emb, str(tmp_path / "o"), ["sampling.max_tokens=3"])
+    assert spec.model.path == "builtin:all-minilm-l6-v2" and spec.model.task == "embed"
+    assert spec.output.path == str(tmp_path / "o")
+    other = tmp_path / "rows.jsonl"
+    other.write_text('{"id": 1, "text": "a row, not a request"}\n')
+    assert is_request_file(chat) and not is_request_file(other)
+
+
+def test_submit_runs_a_request_file_without_a_job(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    requests = tmp_path / "requests.jsonl"
+    requests.write_bytes(requests_file(3))
+    run = subprocess.run(
+        [sys.executable, "-m", "batch.cli", "submit", str(requests), "--set",
+         "model.engine=fake", "--quiet"],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr
+    out = (tmp_path / "requests-out" / "openai" / "output.jsonl").read_text().splitlines()
+    assert [json.loads(x)["custom_id"] for x in out] == ["r0", "r1", "r2"]
+    refused = subprocess.run(
+        [sys.executable, "-m", "batch.cli", "submit", "jobs/enrich.yaml", "--output", "x"],
+        capture_output=True, text=True, timeout=60,
+    )  # fmt: skip
+    assert refused.returncode == 2 and "--output is for an OpenAI request file" in refused.stderr
