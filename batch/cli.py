@@ -844,8 +844,11 @@ def serve(
         return
     if max_running < 1:
         _fail("--max-running: give 1 or more", 2)
+    url = store_url or default_store()
+    if "://" not in url:  # the jobs' paths must not depend on their working directory
+        url = str(Path(url).expanduser().resolve())
     config = ServeConfig(
-        store=Store(store_url or default_store(), options), keys=keys, bases=bases,
+        store=Store(url, options), keys=keys, bases=bases,
         address=address, max_running=max_running,
     )  # fmt: skip
     typer.echo(

@@ -287,6 +287,7 @@ def create_app(config: ServeConfig, supervisor: Supervisor | None = None) -> "Fa
             owner=who, output=f"batches/{batch_id}/out",
         )  # fmt: skip
         st.save_batch(record)
+        sup.watch(batch_id)
         return batch_view(record)
 
     @app.get("/v1/batches/{batch_id}")

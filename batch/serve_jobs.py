@@ -84,11 +84,13 @@ class Supervisor:
     _thread: threading.Thread | None = None
     _halt: threading.Event = field(default_factory=threading.Event)
     _workdir: Path | None = None
+    _active: set[str] = field(default_factory=set)  # ids of unfinished batches (cache of the store)
 
     # ------------------------------------------------------------------ life
 
     def start(self) -> None:
         self._workdir = Path(tempfile.mkdtemp(prefix="batchinfer-serve-"))
+        self._active = {b["id"] for b in self.store.batches() if b["status"] not in TERMINAL}
         self._halt.clear()
         self._thread = threading.Thread(target=self._loop, name="batch-supervisor", daemon=True)
         self._thread.start()
@@ -118,10 +120,16 @@ class Supervisor:
 
     # ------------------------------------------------------------------ one pass
 
+    def watch(self, batch_id: str) -> None:
+        """A batch just created (the API's call): drive it from the next pass on."""
+        self._active.add(batch_id)
+
     def tick(self) -> None:
         """One pass over the unfinished batches: start, watch, stop, finish."""
-        active = [b for b in self.store.batches() if b["status"] not in TERMINAL]
+        records = [self.store.batch(b) for b in sorted(self._active)]
+        active = [b for b in records if b is not None and b["status"] not in TERMINAL]
         active.sort(key=lambda b: (b["created_at"], b["id"]))
+        self._active &= {b["id"] for b in active}
         for record in active:
             self._step(record["id"])
         started = [b["id"] for b in active if b["id"] in self._running]
