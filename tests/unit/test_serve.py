@@ -75,7 +75,7 @@ class Server:
                       max_retries=0)  # fmt: skip
 
 
-def wait_for(client: OpenAI, batch_id: str, states: set[str], timeout: float = 120) -> Batch:
+def wait_for(client: OpenAI, batch_id: str, states: set[str], timeout: float = 600) -> Batch:
     end = time.time() + timeout
     while time.time() < end:
         batch = client.batches.retrieve(batch_id)
