@@ -3,11 +3,12 @@
 A :class:`Supervisor` thread drives every unfinished batch of the store through OpenAI's
 states: ``validating`` (the file is read: no requests, a custom_id twice -> ``failed``),
 ``in_progress`` (``batchinfer submit`` runs the job in a subprocess, locally or with
-``--address`` on a Ray cluster), then ``completed`` (the job's openai/output.jsonl and
-errors.jsonl become the batch's files), ``failed`` (the job exited with an error: its last
-line), ``expired`` (past ``expires_at``: the job is stopped, requests not done go to the error
-file as ``batch_expired``) or, after a cancel, ``cancelling`` -> ``cancelled`` (the same, as
-``batch_cancelled``). Jobs are started in creation order, at most ``max_running`` at once.
+``--address`` on a Ray cluster; a run that fails other than on its spec is started again, up
+to JOB_ATTEMPTS runs, resume keeping what was committed), then ``completed`` (the job's
+openai/output.jsonl and errors.jsonl become the batch's files), ``failed`` (the job failed:
+its last line), ``expired`` (past ``expires_at``: the job is stopped, requests not done go
+to the error file as ``batch_expired``) or, after a cancel, ``cancelling`` -> ``cancelled``
+(the same, as ``batch_cancelled``). Jobs start in creation order, ``max_running`` at once.
 
 Everything it knows is in the store (:mod:`batch.serve_state`), so a restarted server picks
 up where the last one stopped: a batch still ``in_progress`` is submitted again and
@@ -43,6 +44,7 @@ from batch.spec import JobSpec
 log = logging.getLogger(__name__)
 
 MAX_REQUESTS = 50_000  # OpenAI's cap per batch file
+JOB_ATTEMPTS = 3  # runs of a batch's job that fail (exit code other than 2) before the batch does
 STOP_GRACE_S = 60.0  # after SIGINT, seconds before the job is killed
 _CUT_SHORT = {
     "expired": ("batch_expired",
@@ -217,6 +219,12 @@ class Supervisor:
         if code == 0 and (files := self._job_files(record, spec)) is not None:
             record.update(status="completed", finalizing_at=int(now), completed_at=int(now),
                           request_counts=counts, **files)  # fmt: skip
+        elif code != 2 and int(record.get("job_attempts") or 1) < JOB_ATTEMPTS:
+            # a failure a spec cannot explain (a Ray start timed out, a node lost): run the
+            # job again; resume makes that safe, committed chunks are not redone
+            record["job_attempts"] = int(record.get("job_attempts") or 1) + 1
+            log.warning("batch %s: job exited %s, starting it again: %s", record["id"], code,
+                        last_error(run.log_path))  # fmt: skip
         else:
             message = last_error(run.log_path) or f"the job exited with code {code}"
             record.update(status="failed", failed_at=int(now), request_counts=counts,
