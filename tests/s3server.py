@@ -83,6 +83,23 @@ class S3Server:
     data_dir: Path
     log_path: Path
     ports: dict[str, int] = field(default_factory=dict)
+    command: list[str] = field(default_factory=list)
+    cwd: Path | None = None
+    restarts: int = 0
+
+    def restart(self) -> None:
+        """Start weed again on the same ports and data (it died): buckets and objects stay,
+        every client's endpoint stays valid. The log goes on in the same file."""
+        _stop(self.process)
+        _remove_grpc_sockets(self.ports)
+        with open(self.log_path, "ab") as log_fh:
+            self.process = subprocess.Popen(
+                self.command, cwd=self.cwd, stdin=subprocess.DEVNULL, stdout=log_fh,
+                stderr=subprocess.STDOUT, start_new_session=True,
+            )  # fmt: skip
+        _wait_ready(self.process, self.storage_options)
+        self.fs.invalidate_cache()
+        self.restarts += 1
 
     def make_bucket(self, name: str) -> str:
         """Create bucket ``name`` (idempotent); returns ``"s3://name"``."""
@@ -251,9 +268,10 @@ def seaweedfs(tmp_dir: Path) -> Iterator[S3Server]:
             ports = _choose_ports()
             endpoint = f"http://{HOST}:{ports['s3.port']}"
             options = storage_options_for(endpoint)
+            command = _command(weed, data_dir, sock_dir, ports)
             with open(log_path, "wb") as log_fh:
                 proc = subprocess.Popen(
-                    _command(weed, data_dir, sock_dir, ports),
+                    command,
                     cwd=tmp_dir,  # weed reads *.toml from "."; keep it in our own directory
                     stdin=subprocess.DEVNULL,
                     stdout=log_fh,
@@ -281,8 +299,13 @@ def seaweedfs(tmp_dir: Path) -> Iterator[S3Server]:
                 data_dir=data_dir,
                 log_path=log_path,
                 ports=ports,
+                command=command,
+                cwd=tmp_dir,
             )
-            yield server
+            try:
+                yield server
+            finally:
+                proc = server.process  # restarted, perhaps
             return
     finally:
         if proc is not None:

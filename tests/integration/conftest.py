@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -29,24 +30,52 @@ def demo_models() -> dict[str, Path]:
     return prepare_all()
 
 
+_SERVERS: list[S3Server] = []
+# Where the shared SeaweedFS was found dead: (test during or before which, exit code).
+WEED_DEATHS: list[tuple[str, int | None]] = []
+
+
 @pytest.fixture(scope="session")
 def s3(tmp_path_factory: pytest.TempPathFactory) -> Iterator[S3Server]:
     with seaweedfs(tmp_path_factory.mktemp("s3")) as server:
-        yield server
+        _SERVERS.append(server)
+        try:
+            yield server
+        finally:
+            _SERVERS.remove(server)
 
 
 @pytest.fixture(autouse=True)
 def _s3_outlives_the_test(request: pytest.FixtureRequest) -> Iterator[None]:
-    """The shared SeaweedFS must outlive every test that used it. In one CI run it died
-    unexplained and every later S3 test failed with a connection error; this fails the test
-    during which it died, with weed's exit code and the tail of its log."""
+    """The shared SeaweedFS must outlive every test. In two CI-like runs it shut down
+    (gracefully, exit 0: someone sent it SIGTERM) between two tests, and every later S3 test
+    failed with a connection error. It is checked before and after every test, whether the
+    test uses it or not: found dead, it is started again on the same ports and data, so one
+    death does not fail the rest of the suite; a test that used it while it died fails with
+    weed's log, and the run's summary says during which test it died."""
+    _revive(f"before {request.node.nodeid}")
     yield
-    if "s3" not in request.fixturenames:
-        return
-    server: S3Server = request.getfixturevalue("s3")
-    code = server.process.poll()
-    if code is not None:
-        pytest.fail(f"SeaweedFS exited with code {code} during this test:\n{server.log_tail(80)}")
+    died = _revive(f"during {request.node.nodeid}")
+    if died is not None and "s3" in request.fixturenames:
+        pytest.fail(f"SeaweedFS exited with code {died[0]} during this test:\n{died[1]}")
+
+
+def _revive(when: str) -> tuple[int, str] | None:
+    for server in _SERVERS:
+        code = server.process.poll()
+        if code is not None:
+            tail = server.log_tail(80)
+            WEED_DEATHS.append((when, code))
+            server.restart()
+            return code, tail
+    return None
+
+
+def pytest_terminal_summary(terminalreporter: Any) -> None:
+    if WEED_DEATHS:
+        terminalreporter.section("SeaweedFS deaths (restarted each time)")
+        for when, code in WEED_DEATHS:
+            terminalreporter.write_line(f"exit code {code}, found dead {when}")
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,17 @@ def markers(out: Path) -> list[dict[str, Any]]:
     return docs
 
 
+# A commit task in flight when a node dies may still write a marker for its engine's chunk.
+COMMIT_GRACE_S = 30.0
+
+
+def marker_times(out: Path) -> list[tuple[dict[str, Any], float]]:
+    """Each marker with the time it was written (its file's mtime)."""
+    return [
+        (json.loads(p.read_text()), p.stat().st_mtime) for p in (out / "_markers").glob("*.json")
+    ]
+
+
 def nodes_of(docs: list[dict[str, Any]]) -> collections.Counter[str]:
     return collections.Counter(str(m.get("engine", {}).get("node_id", "")) for m in docs)
 
@@ -185,9 +196,18 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
     by_node = nodes_of(done)
     survivors = {fleet.head_node_id, fleet.nodes["w2"].node_id, w3.node_id}
     assert survivors <= set(by_node), (by_node, fleet.node_names())
-    assert by_node[w1.node_id] >= 1 and nodes_of(before)[w1.node_id] == by_node[w1.node_id], (
-        "the lost node committed before its loss, nothing after"
-    )
+    # The lost node's committed chunks stay; it runs nothing once dead. A chunk its engine
+    # finished just before the kill may still be committed by a commit task on another node
+    # (the first CI-like run saw 1 marker at the kill and 3 at the end), so the check is that
+    # every marker of its engines was written within a grace after the kill was noticed.
+    assert by_node[w1.node_id] >= max(1, nodes_of(before)[w1.node_id])
+    noticed = kill_at + detected + COMMIT_GRACE_S
+    late = [
+        (m["chunk_id"], round(t - kill_at, 1))
+        for m, t in marker_times(out)
+        if str(m.get("engine", {}).get("node_id", "")) == w1.node_id and t > noticed
+    ]
+    assert not late, f"chunks committed from the lost node's engines long after its loss: {late}"
     assert {fleet.head_node_id, w1.node_id, fleet.nodes["w2"].node_id, w3.node_id} <= (
         watch.nodes()
     ), "the watch saw engines alive on every node"
