@@ -154,11 +154,13 @@ class VLLMEngine:
                 f"model.engine_args: vLLM rejected the engine arguments: {exc}"
             ) from exc
         log.info("starting vLLM engine (pid %s): %s", os.getpid(), args)
+        before = _descendants()
         self._engine = vllm.AsyncLLMEngine.from_engine_args(engine_args)  # = v1 AsyncLLM
         # The engine core and its workers are child processes; if the core dies, its workers
         # are re-parented away from us and would live on holding memory (or a GPU). Remember
-        # them now so close() can end every one.
-        self._processes = _descendants()
+        # them now so close() can end every one: only those the engine started. (Taking every
+        # child made an engine built inside a test process SIGTERM the suite's SeaweedFS.)
+        self._processes = _descendants(exclude=before)
         self._tokenizer = self._engine.get_tokenizer()
         self.max_model_len = int(self._engine.model_config.max_model_len)
         self._ids = itertools.count()
@@ -432,10 +434,20 @@ def _split_reasoning(parser: Any, sample: Sample) -> None:
     sample.offset = max(0, len(text) - len(content))
 
 
-def _descendants() -> list[Any]:
+def _descendants(exclude: list[Any] = ()) -> list[Any]:  # type: ignore[assignment]
+    """This process's descendants, without those in ``exclude`` (same pid and start time)."""
     import psutil
 
-    return list(psutil.Process().children(recursive=True))
+    seen = set()
+    for p in exclude:
+        with contextlib.suppress(psutil.Error):
+            seen.add((p.pid, p.create_time()))
+    found = []
+    for p in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if (p.pid, p.create_time()) not in seen:
+                found.append(p)
+    return found
 
 
 def _terminate(processes: list[Any]) -> None:

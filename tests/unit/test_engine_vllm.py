@@ -691,3 +691,25 @@ def test_a_cpu_job_gets_a_fixed_kv_cache_unless_it_sizes_memory_itself() -> None
     assert fixed["kv_cache_memory_bytes"] == 123
     gpu = engine_arguments(job(**{"resources.device": "gpu"}), "/m")
     assert "kv_cache_memory_bytes" not in gpu and "gpu_memory_utilization" not in gpu
+
+
+def test_the_engine_reaps_only_the_processes_it_started() -> None:
+    """An engine built inside a process that already has children (a test run with its S3
+    server, a user's program) must not count them as its own: close() SIGTERMed them (the
+    suite's SeaweedFS shut down during test_engine_rows)."""
+    import subprocess
+
+    from batch.engine.vllm import _descendants
+
+    older = subprocess.Popen(["sleep", "30"])
+    try:
+        before = _descendants()
+        newer = subprocess.Popen(["sleep", "30"])
+        try:
+            assert [p.pid for p in _descendants(exclude=before)] == [newer.pid]
+        finally:
+            newer.kill()
+            newer.wait()
+    finally:
+        older.kill()
+        older.wait()
