@@ -30,7 +30,15 @@ from pathlib import Path
 from typing import Any
 
 from tests import realparts
-from tests.raycluster import HOST, RayHead, RayHeadError, _free_ports, _tail, ray_head
+from tests.raycluster import (
+    HOST,
+    RayHead,
+    RayHeadError,
+    _free_ports,
+    _tail,
+    pids_with,
+    ray_head,
+)
 
 NODE_MARKER = "BATCHINFER_TEST_RAY_NODE"
 # Node loss is noticed in about 3 s, not Ray's default 15 s or more (a spot reclaim's raylet
@@ -42,23 +50,6 @@ FAST_HEALTH_CHECK = {
     "RAY_health_check_initial_delay_ms": "1000",
 }
 NODE_READY_TIMEOUT_S = 90.0
-
-
-def pids_with(name: str, value: str) -> list[int]:
-    """Processes (not zombies) whose environment has ``name=value``."""
-    needle = f"{name}={value}".encode()
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            if (entry / "stat").read_text().split(") ", 1)[1].startswith("Z"):
-                continue
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except (OSError, IndexError):
-            continue
-    return pids
 
 
 @dataclass

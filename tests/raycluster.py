@@ -108,9 +108,9 @@ def _tail(path: Path, lines: int) -> str:
         return ""
 
 
-def marked_pids(marker_value: str) -> list[int]:
-    """Processes (not zombies) whose environment carries this head's marker."""
-    needle = f"{MARKER}={marker_value}".encode()
+def pids_with(name: str, value: str) -> list[int]:
+    """Processes (not zombies) whose environment has ``name=value``."""
+    needle = f"{name}={value}".encode()
     pids = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
@@ -123,6 +123,11 @@ def marked_pids(marker_value: str) -> list[int]:
         except (OSError, IndexError):
             continue
     return pids
+
+
+def marked_pids(marker_value: str) -> list[int]:
+    """Processes (not zombies) whose environment carries this head's marker."""
+    return pids_with(MARKER, marker_value)
 
 
 def _jobs_api_ready(address: str, headers: dict[str, str]) -> bool:

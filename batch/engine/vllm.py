@@ -434,7 +434,7 @@ def _split_reasoning(parser: Any, sample: Sample) -> None:
     sample.offset = max(0, len(text) - len(content))
 
 
-def _descendants(exclude: list[Any] = ()) -> list[Any]:  # type: ignore[assignment]
+def _descendants(exclude: Sequence[Any] = ()) -> list[Any]:
     """This process's descendants, without those in ``exclude`` (same pid and start time)."""
     import psutil
 
