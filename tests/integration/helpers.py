@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -19,14 +21,52 @@ COMMON_WORDS = {
 }  # fmt: skip
 
 
+def cli(command: str, job: str | Path, *overrides: str) -> list[str]:
+    """The argv of ``batchinfer <command> <job> --set ...``."""
+    args = [sys.executable, "-m", "batch.cli", command, str(job)]
+    for item in overrides:
+        args += ["--set", item]
+    return args
+
+
 def submit(
     job: str | Path, *overrides: str, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """``batchinfer submit`` in a subprocess, as a user (or Airflow) would run it."""
-    args = [sys.executable, "-m", "batch.cli", "submit", str(job)]
-    for item in overrides:
-        args += ["--set", item]
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(cli("submit", job, *overrides), capture_output=True, text=True,
+                          timeout=timeout)  # fmt: skip
+
+
+def run_together(
+    *commands: list[str], timeout: float = 900
+) -> list[subprocess.CompletedProcess[str]]:
+    """Several CLI runs at once, each its own Ray session and engine, as two users' jobs on
+    one machine would be. Engine starts are mostly single-threaded, so on the 2-core CI machine
+    two of them overlap well: the suite shares the wait instead of paying it twice. A run
+    still going after ``timeout`` is killed with its process group (its Ray session), and
+    the others are still waited for."""
+    procs = [
+        subprocess.Popen(c, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         start_new_session=True)
+        for c in commands
+    ]  # fmt: skip
+    done: list[subprocess.CompletedProcess[str]] = []
+    end = time.monotonic() + timeout
+    try:
+        for c, p in zip(commands, procs, strict=True):
+            try:
+                out, err = p.communicate(timeout=max(1.0, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                os.killpg(p.pid, signal.SIGKILL)
+                out, err = p.communicate()
+                err += f"\n(killed after {timeout:.0f}s)"
+            done.append(subprocess.CompletedProcess(c, p.returncode, out, err))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+                p.wait()
+    return done
 
 
 def read_parts(fs: Any, folder: str) -> pa.Table:

@@ -1,19 +1,20 @@
-"""Embeddings end to end on real vLLM (CPU) with the bundled all-MiniLM-L6-v2."""
+"""Embeddings end to end on real vLLM (CPU) with the bundled all-MiniLM-L6-v2: a job, and
+``plan --sample`` beside it (the two engine starts overlap, in one module fixture)."""
 
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 from pathlib import Path
+from typing import Any
 
 import fsspec
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from batch.demo import reviews_table
-from tests.integration.helpers import read_json, read_parts, submit
+from tests.integration.helpers import cli, read_json, read_parts, run_together
 
 PARAPHRASES = {
     "p1": "The kettle boils water very quickly.",
@@ -22,8 +23,10 @@ PARAPHRASES = {
 }
 
 
-def test_embed_job(demo_models: dict[str, Path], tmp_path: Path) -> None:
-    inp, out = tmp_path / "in", tmp_path / "out"
+@pytest.fixture(scope="module")
+def runs(demo_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    job_dir, plan_dir = tmp_path_factory.mktemp("embed"), tmp_path_factory.mktemp("plan")
+    inp, out = job_dir / "in", job_dir / "out"
     inp.mkdir()
     table = reviews_table(36)
     extra = pa.table(
@@ -36,12 +39,20 @@ def test_embed_job(demo_models: dict[str, Path], tmp_path: Path) -> None:
         }
     )
     pq.write_table(pa.concat_tables([table, extra.cast(table.schema)]), inp / "a.parquet")
-    res = submit(
-        "jobs/embed.yaml",
-        f"input.path={inp}",
-        f"output.path={out}",
-        "prompt.template={{ body }}",
-    )
+    (plan_dir / "in").mkdir()
+    pq.write_table(reviews_table(64), plan_dir / "in" / "a.parquet")
+    job, plan = run_together(
+        cli("submit", "jobs/embed.yaml", f"input.path={inp}", f"output.path={out}",
+            "prompt.template={{ body }}"),
+        # plan --sample runs a few rows for real and turns the throughput into GPU-hours
+        [*cli("plan", "jobs/embed.yaml", f"input.path={plan_dir / 'in'}",
+              f"output.path={plan_dir / 'out'}"), "--json", "--sample", "16"],
+    )  # fmt: skip
+    return {"job": job, "table": table, "out": out, "plan": plan, "plan_dir": plan_dir}
+
+
+def test_embed_job(runs: dict[str, Any]) -> None:
+    res, table, out = runs["job"], runs["table"], runs["out"]
     assert res.returncode == 0, res.stderr[-3000:]
     data = read_parts(fsspec.filesystem("file"), str(out / "data"))
     failed = read_parts(fsspec.filesystem("file"), str(out / "_failed"))
@@ -65,16 +76,9 @@ def test_embed_job(demo_models: dict[str, Path], tmp_path: Path) -> None:
     assert {c["model"] for c in ledger["comparisons"]} >= {"text-embedding-3-small"}
 
 
-def test_plan_with_a_measured_sample(demo_models: dict[str, Path], tmp_path: Path) -> None:
+def test_plan_with_a_measured_sample(runs: dict[str, Any]) -> None:
     """plan --sample runs a few rows for real and turns the throughput into GPU-hours."""
-    inp = tmp_path / "in"
-    inp.mkdir()
-    pq.write_table(reviews_table(64), inp / "a.parquet")
-    res = subprocess.run(
-        [sys.executable, "-m", "batch.cli", "plan", "jobs/embed.yaml", "--json", "--sample", "16",
-         "--set", f"input.path={inp}", "--set", f"output.path={tmp_path / 'out'}"],
-        capture_output=True, text=True,
-    )  # fmt: skip
+    res, tmp_path = runs["plan"], runs["plan_dir"]
     assert res.returncode == 0, res.stderr[-2000:]
     plan = json.loads(res.stdout)
     assert plan["rows"] == 64 and plan["measured"]["rows"] > 0

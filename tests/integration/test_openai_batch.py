@@ -1,24 +1,28 @@
 """OpenAI batch request files on real vLLM (CPU): SmolLM2 for chat completions, all-MiniLM-L6-v2
-for embeddings, run with ``batchinfer submit`` as a user would. One engine start per test.
+for embeddings, run with ``batchinfer submit`` as a user would. One engine start per file.
 
 What a user would check: the output file's every line parses as the official openai SDK's
 response types, requests with their own max_tokens, stop, n and response_format get what they
 asked for from the real engine, malformed lines are in the error file with their reason, every
 custom_id is in exactly one of the two files, and the ledger prices the file at gpt-4o-mini's
 batch price.
+
+Both files run at once (two engine starts overlap), in one module fixture.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import textwrap
 from pathlib import Path
 from typing import Any
 
+import pytest
 from openai.types import BatchError, CreateEmbeddingResponse
 from openai.types.chat import ChatCompletion
 
-from tests.integration.helpers import submit
+from tests.integration.helpers import cli, run_together
 
 QUESTION = "Name three colours of the rainbow."
 
@@ -55,7 +59,8 @@ def read_jsonl(path: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()]
 
 
-def test_a_chat_request_file_on_vllm(demo_models: dict[str, Path], tmp_path: Path) -> None:
+def chat_job(tmp_path: Path) -> tuple[Path, Path]:
+    """Chat requests with their own sampling, and malformed lines."""
     schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
     requests = [
         chat_line("short", max_tokens=2),
@@ -84,10 +89,42 @@ def test_a_chat_request_file_on_vllm(demo_models: dict[str, Path], tmp_path: Pat
             ],
         ),
     ]
-    job, out = write_job(
+    return write_job(
         tmp_path, "builtin:smollm2-135m-instruct", "generate", requests, ", max_model_len: 512"
     )
-    res = submit(job)
+
+
+def embeddings_job(tmp_path: Path) -> tuple[Path, Path]:
+    """Embeddings requests, one with an unsupported list input, and a broken line."""
+
+    def line(cid: str, text: Any) -> str:
+        body = {"model": "text-embedding-3-small", "input": text}
+        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
+                           "body": body})  # fmt: skip
+
+    requests = [
+        line("kettle", "The kettle boils water quickly."),
+        line("list", ["two", "strings"]),
+        line("bank", "The central bank raised interest rates."),
+        "{",
+    ]
+    return write_job(tmp_path, "builtin:all-minilm-l6-v2", "embed", requests)
+
+
+@pytest.fixture(scope="module")
+def runs(
+    demo_models: dict[str, Path], tmp_path_factory: pytest.TempPathFactory
+) -> dict[str, tuple[subprocess.CompletedProcess[str], Path]]:
+    jobs = {"chat": chat_job(tmp_path_factory.mktemp("chat")),
+            "embed": embeddings_job(tmp_path_factory.mktemp("embed"))}  # fmt: skip
+    done = run_together(*(cli("submit", job) for job, _ in jobs.values()))
+    return {name: (res, out) for (name, (_, out)), res in zip(jobs.items(), done, strict=True)}
+
+
+def test_a_chat_request_file_on_vllm(
+    runs: dict[str, tuple[subprocess.CompletedProcess[str], Path]],
+) -> None:
+    res, out = runs["chat"]
     assert res.returncode == 0, res.stderr[-3000:]
     ok = read_jsonl(out / "openai" / "output.jsonl")
     errors = read_jsonl(out / "openai" / "errors.jsonl")
@@ -119,20 +156,10 @@ def test_a_chat_request_file_on_vllm(demo_models: dict[str, Path], tmp_path: Pat
     assert ledger["file_models"]["file_batch_usd"] == mini["batch_usd"]
 
 
-def test_an_embeddings_request_file_on_vllm(demo_models: dict[str, Path], tmp_path: Path) -> None:
-    def line(cid: str, text: Any) -> str:
-        body = {"model": "text-embedding-3-small", "input": text}
-        return json.dumps({"custom_id": cid, "method": "POST", "url": "/v1/embeddings",
-                           "body": body})  # fmt: skip
-
-    requests = [
-        line("kettle", "The kettle boils water quickly."),
-        line("list", ["two", "strings"]),
-        line("bank", "The central bank raised interest rates."),
-        "{",
-    ]
-    job, out = write_job(tmp_path, "builtin:all-minilm-l6-v2", "embed", requests)
-    res = submit(job)
+def test_an_embeddings_request_file_on_vllm(
+    runs: dict[str, tuple[subprocess.CompletedProcess[str], Path]],
+) -> None:
+    res, out = runs["embed"]
     assert res.returncode == 0, res.stderr[-3000:]
     ok = read_jsonl(out / "openai" / "output.jsonl")
     errors = read_jsonl(out / "openai" / "errors.jsonl")

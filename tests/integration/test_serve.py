@@ -4,8 +4,8 @@ for embeddings).
 
 One test, to share the engine starts: a chat batch during which the server is SIGKILLed and
 started again (the batch completes, every custom_id exactly once, each output line a
-ChatCompletion), a chat batch cancelled while it waits its turn, then an embeddings batch
-(each line a CreateEmbeddingResponse).
+ChatCompletion), a chat batch cancelled while it waits its turn, and an embeddings batch run
+beside the resumed chat batch (each line a CreateEmbeddingResponse).
 """
 
 from __future__ import annotations
@@ -53,13 +53,13 @@ def free_port() -> int:
 
 
 @contextmanager
-def server(tmp: Path, port: int) -> Iterator[subprocess.Popen[bytes]]:
+def server(tmp: Path, port: int, *extra: str) -> Iterator[subprocess.Popen[bytes]]:
     env = {**os.environ, "BATCHINFER_SERVE_KEYS": f"tester:{KEY}"}
     log = (tmp / "server.log").open("ab")
     proc = subprocess.Popen(
         [sys.executable, "-m", "batch.cli", "serve", "--job", str(tmp / "chat.yaml"),
          "--job", str(tmp / "embed.yaml"), "--store", str(tmp / "store"),
-         "--port", str(port)],
+         "--port", str(port), *extra],
         env=env, stdout=log, stderr=subprocess.STDOUT,
     )  # fmt: skip
     try:
@@ -140,7 +140,18 @@ def test_batches_through_the_sdk_survive_a_killed_server(
         first.wait()
         assert now.request_counts.completed < n, "the batch finished before the kill"
 
-    with server(tmp_path, port):
+    # The restarted server runs two jobs at once: the chat batch it resumes, and an
+    # embeddings batch created as soon as it is up (the two engine starts overlap).
+    with server(tmp_path, port, "--max-running", "2"):
+        texts = ["a red apple", "the blue sea", "green grass", "the night sky"]
+        emb_lines = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
+                                 "body": {"model": "text-embedding-3-small", "input": t}})
+                     for i, t in enumerate(texts)]  # fmt: skip
+        up = client.files.create(file=("emb.jsonl", "\n".join(emb_lines).encode()),
+                                 purpose="batch")  # fmt: skip
+        emb = client.batches.create(input_file_id=up.id, endpoint="/v1/embeddings",
+                                    completion_window="24h")  # fmt: skip
+
         done = wait_for(client, chat.id, {"completed", "failed"})
         assert done.status == "completed", done.errors
         out, err = lines(client, done.output_file_id), lines(client, done.error_file_id)
@@ -152,14 +163,6 @@ def test_batches_through_the_sdk_survive_a_killed_server(
             assert reply.usage is not None and 0 < reply.usage.completion_tokens <= 8
         assert done.request_counts is not None and done.request_counts.completed == n
 
-        texts = ["a red apple", "the blue sea", "green grass", "the night sky"]
-        emb_lines = [json.dumps({"custom_id": f"e{i}", "method": "POST", "url": "/v1/embeddings",
-                                 "body": {"model": "text-embedding-3-small", "input": t}})
-                     for i, t in enumerate(texts)]  # fmt: skip
-        up = client.files.create(file=("emb.jsonl", "\n".join(emb_lines).encode()),
-                                 purpose="batch")  # fmt: skip
-        emb = client.batches.create(input_file_id=up.id, endpoint="/v1/embeddings",
-                                    completion_window="24h")  # fmt: skip
         done = wait_for(client, emb.id, {"completed", "failed"})
         assert done.status == "completed", done.errors
         out = lines(client, done.output_file_id)

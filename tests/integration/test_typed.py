@@ -1,9 +1,9 @@
 """Typed answers (response:) end to end on real vLLM (CPU, SmolLM2), real Ray, local disk.
 
-Two engine starts in all: one job with a JSON schema of string, enum, int and list fields,
-one with a choice. What a user would check: every row is either schema-valid in typed
-columns or in _failed/ as SchemaViolation with the model's text; choice labels are listed
-ones with a real probability; a broken schema stops before any engine starts.
+Two engine starts in all, at the same time: one job with a JSON schema of string, enum, int
+and list fields, one with a choice. What a user would check: every row is either
+schema-valid in typed columns or in _failed/ as SchemaViolation with the model's text; choice
+labels are listed ones with a real probability; a broken schema stops before any engine starts.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,7 @@ from batch.demo import write_reviews
 from batch.response import compact_to_json_schema
 from batch.spec import load_spec
 from pipelines import load_pipeline
-from tests.integration.helpers import leftovers, read_json, read_parts, submit
+from tests.integration.helpers import cli, leftovers, read_json, read_parts, run_together
 
 SCHEMA = (
     "{sentiment: [positive, negative, mixed], summary: {type: string, maxLength: 120}, "
@@ -38,10 +39,13 @@ ROWS = 40  # two files of 20 demo reviews, each with a null and an over-long bod
 EXPECTED_FAILURES = {"NullValue", "PromptTooLong", "SchemaViolation"}
 
 
-def _run(job: Path | str, out: Path, inp: Path, *sets: str) -> dict[str, Any]:
-    overrides = (f"input.path={inp}/", f"output.path={out}/", "resources.rows_per_chunk=10",
-                 *sets)  # fmt: skip
-    res = submit(job, *overrides)
+def _args(job: Path | str, out: Path, inp: Path, *sets: str) -> tuple[str, ...]:
+    return (str(job), f"input.path={inp}/", f"output.path={out}/",
+            "resources.rows_per_chunk=10", *sets)  # fmt: skip
+
+
+def _read(res: subprocess.CompletedProcess[str], job: str, out: Path, overrides: Sequence[str]
+          ) -> dict[str, Any]:  # fmt: skip
     assert res.returncode == 0, res.stderr[-3000:]
     fs = fsspec.filesystem("file")
     data, failed = read_parts(fs, f"{out}/data"), read_parts(fs, f"{out}/_failed")
@@ -49,7 +53,7 @@ def _run(job: Path | str, out: Path, inp: Path, *sets: str) -> dict[str, Any]:
     counts = collections.Counter(ids)
     assert max(counts.values()) == 1 and len(counts) == ROWS, "every input id exactly once"
     assert set(failed["_error_class"].to_pylist()) <= EXPECTED_FAILURES
-    return {"data": data, "failed": failed, "spec": load_spec(job, overrides),
+    return {"data": data, "failed": failed, "spec": load_spec(job, list(overrides)),
             "ledger": read_json(fs, f"{out}/ledger.json"), "out": out}  # fmt: skip
 
 
@@ -61,18 +65,10 @@ def reviews(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def schema_run(
+def runs(
     demo_models: dict[str, Path], reviews: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
-    out = tmp_path_factory.mktemp("schema") / "out"
-    return _run("jobs/enrich.yaml", out, reviews, f"response.fields={SCHEMA}",
-                "sampling.max_tokens=96")  # fmt: skip
-
-
-@pytest.fixture(scope="module")
-def choice_run(
-    demo_models: dict[str, Path], reviews: Path, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
+) -> dict[str, dict[str, Any]]:
+    """The schema job and the choice job, run at the same time (two engine starts overlap)."""
     folder = tmp_path_factory.mktemp("choice")
     doc = yaml.safe_load(Path("jobs/enrich.yaml").read_text())
     doc["response"] = {"choice": LABELS, "column": "sentiment"}
@@ -82,7 +78,25 @@ def choice_run(
     )
     job = folder / "choice.yaml"
     job.write_text(yaml.safe_dump(doc))
-    return _run(job, folder / "out", reviews, "sampling.max_tokens=8")
+    schema_out = tmp_path_factory.mktemp("schema") / "out"
+    schema = _args("jobs/enrich.yaml", schema_out, reviews, f"response.fields={SCHEMA}",
+                   "sampling.max_tokens=96")  # fmt: skip
+    choice = _args(job, folder / "out", reviews, "sampling.max_tokens=8")
+    res = run_together(cli("submit", *schema), cli("submit", *choice))
+    return {
+        "schema": _read(res[0], schema[0], schema_out, schema[1:]),
+        "choice": _read(res[1], choice[0], folder / "out", choice[1:]),
+    }
+
+
+@pytest.fixture(scope="module")
+def schema_run(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return runs["schema"]
+
+
+@pytest.fixture(scope="module")
+def choice_run(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    return runs["choice"]
 
 
 def test_schema_job_gives_only_schema_valid_typed_rows_or_schema_violations(
