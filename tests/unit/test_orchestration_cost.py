@@ -258,3 +258,35 @@ def test_the_feed_waits_for_commits(monkeypatch: pytest.MonkeyPatch) -> None:
                 raise RuntimeError("actor died")
 
     assert len(list(runner._feed_rows(chunks, {}, Broken(), 0))) == 10
+
+
+def test_ray_data_keeps_a_bounded_number_of_block_stats(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ray Data's map operators keep one BlockStats per output block for the dataset's life
+    (ray-project/ray#66016): with one block per chunk the driver grew with every chunk. After
+    bound_block_stats an operator keeps at most 2 x KEPT_BLOCK_STATS, and hands on every
+    bundle unchanged."""
+    from types import SimpleNamespace
+
+    from ray.data._internal.execution.operators.task_pool_map_operator import (
+        TaskPoolMapOperator,
+    )
+    from ray.data.block import BlockMetadata
+
+    assert runner.bound_block_stats()
+    monkeypatch.setattr(runner, "KEPT_BLOCK_STATS", 10)
+    bundles = [
+        SimpleNamespace(metadata=[BlockMetadata(num_rows=i, size_bytes=1, exec_stats=None,
+                                                input_files=None)])
+        for i in range(100)
+    ]  # fmt: skip
+    queue = iter(bundles)
+    op = object.__new__(TaskPoolMapOperator)  # the operator's state the method touches
+    op._started = True
+    op._output_queue = SimpleNamespace(get_next=lambda: next(queue))
+    op._metrics = SimpleNamespace(on_output_dequeued=lambda bundle: None)
+    op._output_blocks_stats = []
+    handed = [op._get_next_inner() for _ in range(100)]
+    assert handed == bundles
+    kept = op._output_blocks_stats
+    assert 10 <= len(kept) <= 20, len(kept)
+    assert kept[-1].num_rows == 99, "the newest stats are the ones kept"
