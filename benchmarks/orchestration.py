@@ -118,6 +118,7 @@ class TreeSampler(threading.Thread):
         self.cpu: dict[tuple[int, float], float] = {}
         self.driver_cpu = 0.0
         self.hwm_kib = 0
+        self.rss: list[tuple[float, int]] = []  # (time, the driver's RSS in KiB)
         self.plasma_kib = 0
         self.stop = threading.Event()
 
@@ -140,6 +141,8 @@ class TreeSampler(threading.Thread):
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
                     if line.startswith("VmHWM:"):
                         self.hwm_kib = max(self.hwm_kib, int(line.split()[1]))
+                    elif line.startswith("VmRSS:"):
+                        self.rss.append((time.time(), int(line.split()[1])))
             raylets = [p.pid for p in procs if _name(p) == "raylet"]
             self.plasma_kib = max(self.plasma_kib, _plasma_kib(raylets))
             self.stop.wait(self.every)
@@ -187,7 +190,9 @@ def run_job(job: Path, out_note: str, code: Path) -> dict[str, Any]:
     progress = by.get("progress", [])
     finished = by["finished"][-1]
     finalize = finished["ts"] - (progress[-1]["ts"] if progress else finished["ts"])
+    growth = rss_growth(sampler.rss, progress)
     return {
+        **growth,
         "wall_s": round(wall, 1),
         "plan_s": round(planned, 2),
         "finalize_s": round(finalize, 2),
@@ -197,6 +202,32 @@ def run_job(job: Path, out_note: str, code: Path) -> dict[str, Any]:
         "plasma_peak_mib": round(sampler.plasma_kib / 1024, 1),
         "rows_out": finished.get("rows"),
         "failed_rows": finished.get("failed_rows"),
+    }
+
+
+def rss_growth(rss: list[tuple[float, int]], progress: list[dict[str, Any]]) -> dict[str, Any]:
+    """The driver's growth while chunks commit: its RSS when a tenth of the chunks had
+    committed against its RSS at the last progress event, per chunk committed in between
+    (engine start and Ray's own start-up left out). A driver that keeps per-chunk state grows
+    linearly here; one that streams stays flat."""
+    if not rss or not progress:
+        return {}
+    total = int(progress[-1]["chunks_total"])
+    early = next((e for e in progress if int(e["chunks"]) >= total / 10), None)
+    late = progress[-1]
+    if early is None or int(late["chunks"]) <= int(early["chunks"]):
+        return {}
+
+    def at(ts: float) -> int:
+        before = [kib for t, kib in rss if t <= ts]
+        return before[-1] if before else rss[0][1]
+
+    lo, hi = at(float(early["ts"])), at(float(late["ts"]))
+    chunks = int(late["chunks"]) - int(early["chunks"])
+    return {
+        "driver_rss_at_10pct_mib": round(lo / 1024, 1),
+        "driver_rss_at_end_mib": round(hi / 1024, 1),
+        "driver_growth_kib_per_chunk": round((hi - lo) / chunks, 2),
     }
 
 
@@ -233,7 +264,7 @@ def job_case(rows: int, chunks: int, where: str, base: str, so: dict[str, Any], 
 
 
 PLAN_CHILD = r"""
-import json, sys, time, resource
+import json, sys, time
 sys.path.insert(0, sys.argv[1])
 from batch.spec import parse_spec
 from batch import plan as planning, runner
@@ -252,7 +283,9 @@ else:  # the old feed: every pending chunk pickled into one list for from_items
              for c in plan.pending]
     n = len(items)
 t2 = time.perf_counter()
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+# VmHWM, not ru_maxrss: Linux keeps ru_maxrss across execve, so a child started by a big
+# parent would report the parent's peak.
+peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
 print(json.dumps({"plan_s": round(t1 - t0, 2), "feed_s": round(t2 - t1, 2), "fed": n,
                   "peak_rss_mib": round(peak / 1024, 1)}))
 """
@@ -295,7 +328,8 @@ def _marker(i: int, fingerprint: str) -> dict[str, Any]:
 
 
 def markers_case(n: int, where: str, base: str, so: dict[str, Any], fs: Any, work: Path,
-                 variants: list[tuple[str, Path]]) -> dict[str, Any]:  # fmt: skip
+                 variants: list[tuple[str, Path]], as_driver: bool = False
+                 ) -> dict[str, Any]:  # fmt: skip
     from batch import storage, store
     from batch.spec import parse_spec
 
@@ -311,14 +345,25 @@ def markers_case(n: int, where: str, base: str, so: dict[str, Any], fs: Any, wor
     print(f"  markers {where}: writing {n:,} ...", flush=True)
     t0 = time.time()
 
+    rollups = store.RollupWriter(spec) if as_driver else None
+    lock = threading.Lock()
+
     def put(i: int) -> None:
         m = _marker(i, "f" * 16)
         path = storage.join(root, store.marker_name(m["chunk_id"]))
-        storage.create_only(ofs, path, json.dumps(m, sort_keys=True).encode())
+        body = json.dumps(m, sort_keys=True).encode()
+        storage.create_only(ofs, path, body)
+        if rollups is not None:  # what the commit hands the driver, and the driver rolls up
+            stamp = store._created_stamp(ofs, path, body)
+            with lock:
+                rollups.add({"stamp": stamp, "marker": m} if stamp else None)
 
     with ThreadPoolExecutor(max_workers=32) as pool:
         list(pool.map(put, range(n)))
-    r: dict[str, Any] = {"storage": where, "markers": n, "write_s": round(time.time() - t0, 1)}
+    if rollups is not None:
+        rollups.flush()
+    r: dict[str, Any] = {"storage": where, "markers": n, "write_s": round(time.time() - t0, 1),
+                         "as_driver": as_driver}  # fmt: skip
     # The commit's stamp on S3 is the MD5 of the marker's bytes: is it what the listing shows?
     first = _marker(0, "f" * 16)
     entry = storage.list_entries(ofs, storage.join(root, store.MARKERS), ".json")[0]
@@ -330,6 +375,15 @@ def markers_case(n: int, where: str, base: str, so: dict[str, Any], fs: Any, wor
     t0 = time.time()
     ids = store.list_markers(spec)
     r["list_s"] = round(time.time() - t0, 2)
+    if as_driver:  # rollups as after a run: finalize and status as a user meets them
+        for tag, code in variants:
+            finalize_cmd = [sys.executable, "-c", FINALIZE_CHILD, str(code), str(job)]
+            t_status, text = timed(_cli("status", str(job), "--json"), code)
+            r[f"{tag}_status_2_s"] = round(t_status, 1)
+            r[f"{tag}_status_chunks_done"] = json.loads(text)["chunks_done"]
+            r[f"{tag}_finalize_2_s"] = round(timed(finalize_cmd, code)[0], 1)
+            print(f"    {tag}: {json.dumps(r)}", flush=True)
+        return r
     t0 = time.time()
     paths = [storage.join(root, store.marker_name(c)) for c in ids]
     with ThreadPoolExecutor(max_workers=16) as pool:  # the old read_markers: one GET each
@@ -394,6 +448,12 @@ def main() -> None:
     p.add_argument("--plan", default="", help="rows:chunks,... for the driver-side plan only")
     p.add_argument("--markers", type=int, default=0, help="synthetic markers (0: skip)")
     p.add_argument(
+        "--as-driver",
+        action="store_true",
+        help="write the markers' rollups as a run's driver does (one per 2,000 commits), then "
+        "time status and finalize as after a run; skips the cold reads (no rollup)",
+    )
+    p.add_argument(
         "--code",
         default=f"after={ROOT}",
         help="tag=checkout,...: the code each case runs, e.g. before=/tmp/base",
@@ -432,7 +492,7 @@ def main() -> None:
                     )
             if a.markers:
                 result["markers"].append(
-                    markers_case(a.markers, name, base, so, fs, work, variants)
+                    markers_case(a.markers, name, base, so, fs, work, variants, a.as_driver)
                 )
     result["date"] = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     result["command"] = "python benchmarks/orchestration.py " + " ".join(sys.argv[1:])
@@ -452,19 +512,22 @@ def render(doc: dict[str, Any]) -> str:
     out = ["# Orchestration cost (fake engine taking no time)", ""]
     out += [f"- {n}" for n in doc.get("notes", [])] + [""]
     jobs = ["| run | code | storage | rows | chunks | wall s | plan s | finalize s | CPU s (all "
-            "processes) | CPU ms/chunk | driver CPU s | driver peak RSS MiB | object store "
-            "peak MiB | status s | resubmit s |", "|" + "---|" * 15]  # fmt: skip
+            "processes) | CPU s per 1M rows | CPU ms/chunk | driver CPU s | driver peak RSS MiB "
+            "| driver growth KiB/chunk | object store peak MiB | status s | resubmit s |",
+            "|" + "---|" * 17]  # fmt: skip
     plans = ["| run | code | rows | chunks | make_plan s | feed s | peak RSS MiB |",
              "|" + "---|" * 7]  # fmt: skip
-    marks = ["| run | storage | markers | code | status (nothing cached) s | finalize 1 s | "
-             "finalize 2 s | status 2 s |", "|" + "---|" * 8]  # fmt: skip
+    marks = ["| run | storage | markers | code | write s | list s | one GET each s | status "
+             "(nothing cached) s | finalize 1 s | finalize 2 s | status 2 s |",
+             "|" + "---|" * 11]  # fmt: skip
     for i, run in enumerate(doc.get("runs", []), 1):
         tag = f"{i} ({run.get('date', '')})"
         for r in run.get("jobs", []):
             jobs.append(
                 f"| {tag} | {r['code']} | {r['storage']} | {r['rows']:,} | {r['chunks']:,} | "
                 f"{r['wall_s']} | {r['plan_s']} | {r['finalize_s']} | {r['tree_cpu_s']} | "
-                f"{r['cpu_ms_per_chunk']} | {r['driver_cpu_s']} | {r['driver_peak_rss_mib']} | "
+                f"{r['cpu_s_per_million_rows']} | {r['cpu_ms_per_chunk']} | {r['driver_cpu_s']} | "
+                f"{r['driver_peak_rss_mib']} | {r.get('driver_growth_kib_per_chunk', '')} | "
                 f"{r['plasma_peak_mib']} | {r['status_s']} | {r['resubmit_s']} |"
             )
         for r in run.get("plan", []):
@@ -472,11 +535,14 @@ def render(doc: dict[str, Any]) -> str:
                          f"{r['plan_s']} | {r['feed_s']} | {r['peak_rss_mib']} |")  # fmt: skip
         for r in run.get("markers", []):
             for code in ("before", "after"):
-                if f"{code}_status_1_s" not in r:
+                if f"{code}_status_1_s" not in r and f"{code}_status_2_s" not in r:
                     continue
                 marks.append(
                     f"| {tag} | {r['storage']} | {r['markers']:,} | {code} | "
-                    f"{r[f'{code}_status_1_s']} | {r.get(f'{code}_finalize_1_s', '')} | "
+                    f"{r.get('write_s', '')} | {r.get('list_s', '')} | "
+                    f"{r.get('read_one_by_one_s', '')} | "
+                    f"{r.get(f'{code}_status_1_s', 'not run')} | "
+                    f"{r.get(f'{code}_finalize_1_s', '')} | "
                     f"{r.get(f'{code}_finalize_2_s', '')} | {r.get(f'{code}_status_2_s', '')} |"
                 )
     for title, rows in (("Jobs", jobs), ("Plan and feed, driver side only", plans),
