@@ -19,6 +19,13 @@ from tests import realparts
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# A shell without job control starts a background command (`pytest ... &`, nohup) with SIGINT
+# ignored, and every job the tests start inherits that: Ctrl-C, a lost lease and a cancelled
+# batch (all SIGINT) would then stop nothing, and five tests fail for a reason that is not the
+# code's. The suite is what a user's terminal gives: SIGINT raises KeyboardInterrupt.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
 
 @pytest.fixture
 def reviews(tmp_path: Path) -> Path:

@@ -45,9 +45,9 @@ from tests.s3server import S3Server
 
 ROWS, FILES, ROWS_PER_CHUNK = 1200, 3, 10
 CHUNKS = ROWS // ROWS_PER_CHUNK
-# Random kills per run: 8 in the suite (each costs a Ray start, ~15 s on 2 cores); set
+# Random kills per run: 6 in the suite (each costs a Ray start, ~15 s on 2 cores); set
 # BATCHINFER_KILLS for a longer hunt, with BATCHINFER_KILL_SEED to replay one.
-RANDOM_KILLS = int(os.environ.get("BATCHINFER_KILLS", "8"))
+RANDOM_KILLS = int(os.environ.get("BATCHINFER_KILLS", "6"))
 LABELS = ("positive", "negative", "mixed")
 FAULT_POINTS = ("after-data-part", "after-failed-part", "before-marker", "after-marker")
 
