@@ -21,11 +21,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import json
-import os
 import shutil
-import signal
-import subprocess
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +34,7 @@ from batch import cache
 from batch.engine import EngineRequest
 from batch.spec import JobSpec, load_spec
 from pipelines import load_pipeline
-from tests.integration.helpers import read_json, read_parts
+from tests.integration.helpers import cli, read_json, read_parts, run_together
 from tests.s3server import S3Server
 
 ROWS = 40
@@ -106,23 +102,10 @@ class Jobs:
 
     def run_together(self, *jobs: Path) -> list[dict[str, Any]]:
         """Start the submits at once and wait for all; then read each output back."""
-        procs = [
-            subprocess.Popen(
-                [sys.executable, "-m", "batch.cli", "submit", str(job)],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                start_new_session=True,
-            )
-            for job in jobs
-        ]  # fmt: skip
-        try:
-            outputs = [p.communicate(timeout=600) for p in procs]
-        finally:
-            for p in procs:
-                if p.poll() is None:  # a hung job: end it and its Ray session, nothing else
-                    os.killpg(p.pid, signal.SIGKILL)
-                    p.wait()
-        for job, p, (out, err) in zip(jobs, procs, outputs, strict=True):
-            assert p.returncode == 0, f"{job.name}: {err[-3000:]}"
+        done = run_together(*(cli("submit", job) for job in jobs), timeout=600)
+        for job, res in zip(jobs, done, strict=True):
+            out = res.stdout
+            assert res.returncode == 0, f"{job.name}: {res.stderr[-3000:]}"
             # Not piped to a terminal, submit reports JSON lines; a cache it could not update
             # would be a message among them.
             events = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
