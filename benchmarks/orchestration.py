@@ -119,7 +119,11 @@ class TreeSampler(threading.Thread):
         self.driver_cpu = 0.0
         self.hwm_kib = 0
         self.rss: list[tuple[float, int]] = []  # (time, the driver's RSS in KiB)
+        # (time, the driver's private KiB: RssAnon + RssFile, and its RssShmem: pages of the
+        # object store's shared file it has touched, which are the store's, not the driver's)
+        self.split: list[tuple[float, int, int]] = []
         self.plasma_kib = 0
+        self.private_peak_kib = 0
         self.stop = threading.Event()
 
     def run(self) -> None:
@@ -138,11 +142,19 @@ class TreeSampler(threading.Thread):
                     if p.pid == self.pid:
                         self.driver_cpu = t.user + t.system
             with contextlib.suppress(OSError):
+                fields = {}
                 for line in Path(f"/proc/{self.pid}/status").read_text().splitlines():
-                    if line.startswith("VmHWM:"):
-                        self.hwm_kib = max(self.hwm_kib, int(line.split()[1]))
-                    elif line.startswith("VmRSS:"):
-                        self.rss.append((time.time(), int(line.split()[1])))
+                    key, _, value = line.partition(":")
+                    if key in ("VmHWM", "VmRSS", "RssAnon", "RssFile", "RssShmem"):
+                        fields[key] = int(value.split()[0])
+                now = time.time()
+                self.hwm_kib = max(self.hwm_kib, fields.get("VmHWM", 0))
+                if "VmRSS" in fields:
+                    self.rss.append((now, fields["VmRSS"]))
+                if "RssAnon" in fields:
+                    private = fields["RssAnon"] + fields.get("RssFile", 0)
+                    self.split.append((now, private, fields.get("RssShmem", 0)))
+                    self.private_peak_kib = max(self.private_peak_kib, private)
             raylets = [p.pid for p in procs if _name(p) == "raylet"]
             self.plasma_kib = max(self.plasma_kib, _plasma_kib(raylets))
             self.stop.wait(self.every)
@@ -191,6 +203,16 @@ def run_job(job: Path, out_note: str, code: Path) -> dict[str, Any]:
     finished = by["finished"][-1]
     finalize = finished["ts"] - (progress[-1]["ts"] if progress else finished["ts"])
     growth = rss_growth(sampler.rss, progress)
+    private = rss_growth([(t, kib) for t, kib, _ in sampler.split], progress)
+    shared = rss_growth([(t, kib) for t, _, kib in sampler.split], progress)
+    if private and shared:
+        growth["driver_private_growth_kib_per_chunk"] = private["driver_growth_kib_per_chunk"]
+        growth["driver_private_at_end_mib"] = private["driver_rss_at_end_mib"]
+        growth["driver_store_pages_growth_kib_per_chunk"] = shared["driver_growth_kib_per_chunk"]
+        growth["driver_store_pages_at_end_mib"] = shared["driver_rss_at_end_mib"]
+        growth["driver_private_growth_last_half_kib_per_chunk"] = rss_growth(
+            [(t, kib) for t, kib, _ in sampler.split], progress, start=0.5
+        ).get("driver_growth_kib_per_chunk")
     return {
         **growth,
         "wall_s": round(wall, 1),
@@ -199,21 +221,24 @@ def run_job(job: Path, out_note: str, code: Path) -> dict[str, Any]:
         "tree_cpu_s": round(sampler.tree_cpu, 1),
         "driver_cpu_s": round(sampler.driver_cpu, 1),
         "driver_peak_rss_mib": round(sampler.hwm_kib / 1024, 1),
+        "driver_private_peak_mib": round(sampler.private_peak_kib / 1024, 1),
         "plasma_peak_mib": round(sampler.plasma_kib / 1024, 1),
         "rows_out": finished.get("rows"),
         "failed_rows": finished.get("failed_rows"),
     }
 
 
-def rss_growth(rss: list[tuple[float, int]], progress: list[dict[str, Any]]) -> dict[str, Any]:
-    """The driver's growth while chunks commit: its RSS when a tenth of the chunks had
-    committed against its RSS at the last progress event, per chunk committed in between
+def rss_growth(
+    rss: list[tuple[float, int]], progress: list[dict[str, Any]], start: float = 0.1
+) -> dict[str, Any]:
+    """The driver's growth while chunks commit: its RSS when ``start`` (a tenth) of the chunks
+    had committed against its RSS at the last progress event, per chunk committed in between
     (engine start and Ray's own start-up left out). A driver that keeps per-chunk state grows
     linearly here; one that streams stays flat."""
     if not rss or not progress:
         return {}
     total = int(progress[-1]["chunks_total"])
-    early = next((e for e in progress if int(e["chunks"]) >= total / 10), None)
+    early = next((e for e in progress if int(e["chunks"]) >= total * start), None)
     late = progress[-1]
     if early is None or int(late["chunks"]) <= int(early["chunks"]):
         return {}
@@ -515,6 +540,10 @@ def render(doc: dict[str, Any]) -> str:
             "processes) | CPU s per 1M rows | CPU ms/chunk | driver CPU s | driver peak RSS MiB "
             "| driver growth KiB/chunk | object store peak MiB | status s | resubmit s |",
             "|" + "---|" * 17]  # fmt: skip
+    memory = ["| run | storage | rows | chunks | driver peak RSS MiB | of it private, peak MiB | "
+              "private growth KiB/chunk (from 10%) | private growth KiB/chunk (last half) | "
+              "store pages mapped at end MiB | store pages growth KiB/chunk |",
+              "|" + "---|" * 10]  # fmt: skip
     plans = ["| run | code | rows | chunks | make_plan s | feed s | peak RSS MiB |",
              "|" + "---|" * 7]  # fmt: skip
     marks = ["| run | storage | markers | code | write s | list s | one GET each s | status "
@@ -530,6 +559,15 @@ def render(doc: dict[str, Any]) -> str:
                 f"{r['driver_peak_rss_mib']} | {r.get('driver_growth_kib_per_chunk', '')} | "
                 f"{r['plasma_peak_mib']} | {r['status_s']} | {r['resubmit_s']} |"
             )
+            if "driver_private_growth_kib_per_chunk" in r:
+                memory.append(
+                    f"| {tag} | {r['storage']} | {r['rows']:,} | {r['chunks']:,} | "
+                    f"{r['driver_peak_rss_mib']} | {r['driver_private_peak_mib']} | "
+                    f"{r['driver_private_growth_kib_per_chunk']} | "
+                    f"{r.get('driver_private_growth_last_half_kib_per_chunk', '')} | "
+                    f"{r['driver_store_pages_at_end_mib']} | "
+                    f"{r['driver_store_pages_growth_kib_per_chunk']} |"
+                )
         for r in run.get("plan", []):
             plans.append(f"| {tag} | {r['code']} | {r['rows']:,} | {r['chunks']:,} | "
                          f"{r['plan_s']} | {r['feed_s']} | {r['peak_rss_mib']} |")  # fmt: skip
@@ -545,7 +583,9 @@ def render(doc: dict[str, Any]) -> str:
                     f"{r.get(f'{code}_finalize_1_s', '')} | "
                     f"{r.get(f'{code}_finalize_2_s', '')} | {r.get(f'{code}_status_2_s', '')} |"
                 )
-    for title, rows in (("Jobs", jobs), ("Plan and feed, driver side only", plans),
+    for title, rows in (("Jobs", jobs),
+                        ("Driver memory: its own pages and the object store's", memory),
+                        ("Plan and feed, driver side only", plans),
                         ("Finalize and status over many markers", marks)):  # fmt: skip
         if len(rows) > 2:
             out += [f"## {title}", "", *rows, ""]

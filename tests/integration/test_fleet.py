@@ -1,11 +1,13 @@
 """A fleet on one machine: three Ray nodes (a head and two workers, ``ray start`` each, two
 declared GPUs each), a ``device: gpu`` job with the simulated engine submitted through the
 Jobs API, one worker node SIGKILLed mid-job (raylet, object store, workers, engines: every
-process of the node, as a spot reclaim does), and a new node joining mid-job.
+process of the node, as a spot reclaim does), a new node joining mid-job, then the other
+worker node SIGKILLed with no node to replace it (its engines cannot be placed again: the job
+must finish on the nodes left, not wait for GPUs that will not come).
 
 What must hold: every input id exactly once, the job exit 0 and one Ray job for the run,
 replicas on every node that was alive (the joining one included), and the ledger counting
-the dead node's accelerator time up to its engines' last heartbeat.
+the dead nodes' accelerator time up to their engines' last heartbeat.
 """
 
 from __future__ import annotations
@@ -120,14 +122,14 @@ def wait_until(what: str, check: Any, proc: subprocess.Popen[str], timeout: floa
         time.sleep(0.5)
 
 
-def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
+def test_gpu_job_survives_node_losses_and_uses_a_joining_node(
     fleet: LocalCluster, tmp_path: Path
 ) -> None:
     t_start = time.monotonic()
     inp, out = tmp_path / "reviews", tmp_path / "out"
     write_reviews(inp, rows=CHUNKS * 8, files=2)
     replicas = GPUS_PER_NODE * 3
-    # Each chunk holds its engine for ~10 simulated (= wall) seconds: 2048 decode steps of
+    # Each chunk holds its engine for ~5 simulated (= wall) seconds: 1024 decode steps of
     # ~5 ms on the H100 profile; the job lasts long enough to lose a node and gain one.
     job = write_job(
         tmp_path / "fleet.yaml",
@@ -138,7 +140,7 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
         model: {{path: llama-3.1-8b, engine: sim,
                  sim_options: {{profile: h100-llama3-8b, startup_s: 3, time_scale: 1}}}}
         prompt: {{template: "{{{{ title }}}} {{{{ body }}}}"}}
-        sampling: {{max_tokens: 2048, ignore_eos: true}}
+        sampling: {{max_tokens: 1024, ignore_eos: true}}
         resources: {{device: gpu, gpus_per_replica: 1, replicas: {replicas},
                      cpus_per_replica: 0.25, rows_per_chunk: 8, batch_size: 16,
                      chunks_in_flight: 2}}
@@ -146,7 +148,7 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
     )
     rid = cluster.make_run_id(load_spec(job))
     head = fleet.head
-    w1 = fleet.nodes["w1"]
+    w1, w2 = fleet.nodes["w1"], fleet.nodes["w2"]
     proc = subprocess.Popen(
         [sys.executable, "-m", "batch.cli", "submit", str(job), "--address", head.address],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=head.client_env(),
@@ -172,6 +174,11 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
                 proc,
                 timeout=240,
             )
+            # The second loss has no replacement: w2's engines stay pending for GPUs.
+            left = CHUNKS - len(markers(out))
+            kill2_at = w2.kill()
+            t_kill2 = time.monotonic() - t_start
+            detected2 = fleet.wait_dead(w2)
             stdout, stderr = proc.communicate(timeout=400)
     finally:
         if proc.poll() is None:
@@ -190,42 +197,51 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
     # One Ray job for the run, succeeded: the job finished without a human, once.
     assert [j["status"] for j in jobs_of(head, rid)] == ["SUCCEEDED"]
 
-    # Replicas on every node: the three at the start, and the joining one.
+    # Replicas on every node: the three at the start, and the joining one; the job went on
+    # after the second loss (chunks were left), on the nodes left.
     done = markers(out)
     assert len(done) == CHUNKS
+    assert left > 0, "the second node was lost after the last chunk: nothing was shown"
     by_node = nodes_of(done)
-    survivors = {fleet.head_node_id, fleet.nodes["w2"].node_id, w3.node_id}
+    survivors = {fleet.head_node_id, w2.node_id, w3.node_id}
     assert survivors <= set(by_node), (by_node, fleet.node_names())
-    # The lost node's committed chunks stay; it runs nothing once dead. A chunk its engine
+    killed = {w1.node_id: (kill_at, detected), w2.node_id: (kill2_at, detected2)}
+    after_both = [m for m, t in marker_times(out) if t > kill2_at + detected2 + COMMIT_GRACE_S]
+    assert set(nodes_of(after_both)) <= {fleet.head_node_id, w3.node_id}
+    # A lost node's committed chunks stay; it runs nothing once dead. A chunk its engine
     # finished just before the kill may still be committed by a commit task on another node
     # (the first CI-like run saw 1 marker at the kill and 3 at the end), so the check is that
     # every marker of its engines was written within a grace after the kill was noticed.
     assert by_node[w1.node_id] >= max(1, nodes_of(before)[w1.node_id])
-    noticed = kill_at + detected + COMMIT_GRACE_S
-    late = [
-        (m["chunk_id"], round(t - kill_at, 1))
-        for m, t in marker_times(out)
-        if str(m.get("engine", {}).get("node_id", "")) == w1.node_id and t > noticed
-    ]
-    assert not late, f"chunks committed from the lost node's engines long after its loss: {late}"
-    assert {fleet.head_node_id, w1.node_id, fleet.nodes["w2"].node_id, w3.node_id} <= (
-        watch.nodes()
-    ), "the watch saw engines alive on every node"
+    for node_id, (at, noticed_in) in killed.items():
+        noticed = at + noticed_in + COMMIT_GRACE_S
+        late = [
+            (m["chunk_id"], round(t - at, 1))
+            for m, t in marker_times(out)
+            if str(m.get("engine", {}).get("node_id", "")) == node_id and t > noticed
+        ]
+        assert not late, f"chunks committed from a lost node's engines long after its loss: {late}"
+    assert {fleet.head_node_id, w1.node_id, w2.node_id, w3.node_id} <= (watch.nodes()), (
+        "the watch saw engines alive on every node"
+    )
 
-    # The ledger counts the lost node's accelerator time, up to its engines' last heartbeat.
+    # The ledger counts the lost nodes' accelerator time, up to their engines' last heartbeat.
     ledger = read_json(fs, f"{out}/ledger.json")
     (run,) = [r for r in store.read_runs(load_spec(job))]
-    dead = [e for e in run["engines"] if e.get("node_id") == w1.node_id]
-    assert len(dead) == GPUS_PER_NODE, run["engines"]
-    dead_billed = sum(store.engine_seconds(run, e) for e in dead)
-    seen_alive = watch.alive_seconds_on(w1.node_id, until=kill_at)
     beat = store.ENGINE_BEAT_SECONDS
-    assert dead_billed >= seen_alive - len(dead) * beat, (dead_billed, seen_alive)
-    for e in dead:  # billed ahead by at most 1.5 beats past what it held
-        held = kill_at - float(e["created"])
-        assert held - beat <= store.engine_seconds(run, e) <= held + 1.5 * beat + 2, (e, held)
+    dead_billed = seen_alive = 0.0
+    for node_id, (at, _) in killed.items():
+        dead = [e for e in run["engines"] if e.get("node_id") == node_id]
+        assert len(dead) == GPUS_PER_NODE, run["engines"]
+        billed = sum(store.engine_seconds(run, e) for e in dead)
+        alive = watch.alive_seconds_on(node_id, until=at)
+        assert billed >= alive - len(dead) * beat, (node_id, billed, alive)
+        for e in dead:  # billed ahead by at most 1.5 beats past what it held
+            held = at - float(e["created"])
+            assert held - beat <= store.engine_seconds(run, e) <= held + 1.5 * beat + 2, (e, held)
+        dead_billed, seen_alive = dead_billed + billed, seen_alive + alive
     total_seen = sum(
-        min(last, kill_at) - first if n == w1.node_id else last - first
+        min(last, killed[n][0]) - first if n in killed else last - first
         for (_, n), (first, last) in watch.seen.items()
     )
     assert ledger["gpu_seconds"] >= total_seen - beat * len(watch.seen), (ledger, total_seen)
@@ -234,7 +250,8 @@ def test_gpu_job_survives_node_loss_and_uses_a_joining_node(
     )
     print(
         f"\nfleet: {took:.0f}s wall (kill at {t_kill:.0f}s, noticed in {detected:.1f}s, "
-        f"w3 joined at {t_join:.0f}s); chunks by node {dict(by_node)}; "
-        f"dead node billed {dead_billed:.1f}s, seen alive {seen_alive:.1f}s; "
+        f"w3 joined at {t_join:.0f}s, w2 killed at {t_kill2:.0f}s with {left} chunks left); "
+        f"chunks by node {dict(by_node)}; "
+        f"dead nodes billed {dead_billed:.1f}s, seen alive {seen_alive:.1f}s; "
         f"ledger gpu_seconds {ledger['gpu_seconds']}"
     )
