@@ -406,7 +406,9 @@ def markers_case(n: int, where: str, base: str, so: dict[str, Any], fs: Any, wor
             t_status, text = timed(_cli("status", str(job), "--json"), code)
             r[f"{tag}_status_2_s"] = round(t_status, 1)
             r[f"{tag}_status_chunks_done"] = json.loads(text)["chunks_done"]
-            r[f"{tag}_finalize_2_s"] = round(timed(finalize_cmd, code)[0], 1)
+            r[f"{tag}_finalize_2_s"], r[f"{tag}_finalize_2_peak_mib"] = _finalize(
+                finalize_cmd, code
+            )
             print(f"    {tag}: {json.dumps(r)}", flush=True)
         return r
     t0 = time.time()
@@ -422,9 +424,11 @@ def markers_case(n: int, where: str, base: str, so: dict[str, Any], fs: Any, wor
         t_status, text = timed(status, code)
         r[f"{tag}_status_1_s"] = round(t_status, 1)
         r[f"{tag}_status_chunks_done"] = json.loads(text)["chunks_done"]
-        r[f"{tag}_finalize_1_s"] = round(timed(finalize_cmd, code)[0], 1)
+        r[f"{tag}_finalize_1_s"], r[f"{tag}_finalize_1_peak_mib"] = _finalize(finalize_cmd, code)
         if tag != "before":
-            r[f"{tag}_finalize_2_s"] = round(timed(finalize_cmd, code)[0], 1)
+            r[f"{tag}_finalize_2_s"], r[f"{tag}_finalize_2_peak_mib"] = _finalize(
+                finalize_cmd, code
+            )
             r[f"{tag}_status_2_s"] = round(timed(status, code)[0], 1)
         print(f"    {tag}: {json.dumps(r)}", flush=True)
     print(f"    {json.dumps(r)}", flush=True)
@@ -443,7 +447,16 @@ fs, root = storage.open_fs(spec.output.path, spec.output.storage_options)
 record = store.read_job_record(fs, root)
 plan = planning.Plan(files=[], chunks=[], done=set(), schema=pa.schema([]), protocol="file")
 job.finalize(spec, record, plan, NullReporter(), time.time(), chunks_run=0)
+peak = next(int(x.split()[1]) for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+print(f"peak_kib={peak}")
 """
+
+
+def _finalize(cmd: list[str], code: Path) -> tuple[float, float]:
+    """Seconds and the finalizing process's peak RSS in MiB (VmHWM: imports included)."""
+    took, out = timed(cmd, code)
+    kib = next(int(x.split("=")[1]) for x in out.splitlines() if x.startswith("peak_kib="))
+    return round(took, 1), round(kib / 1024, 1)
 
 
 # --------------------------------------------------------------------------- main
@@ -540,15 +553,16 @@ def render(doc: dict[str, Any]) -> str:
             "processes) | CPU s per 1M rows | CPU ms/chunk | driver CPU s | driver peak RSS MiB "
             "| driver growth KiB/chunk | object store peak MiB | status s | resubmit s |",
             "|" + "---|" * 17]  # fmt: skip
-    memory = ["| run | storage | rows | chunks | driver peak RSS MiB | of it private, peak MiB | "
+    memory = ["| run | code | storage | rows | chunks | driver peak RSS MiB | of it private, peak MiB | "
               "private growth KiB/chunk (from 10%) | private growth KiB/chunk (last half) | "
               "store pages mapped at end MiB | store pages growth KiB/chunk |",
-              "|" + "---|" * 10]  # fmt: skip
+              "|" + "---|" * 11]  # fmt: skip
     plans = ["| run | code | rows | chunks | make_plan s | feed s | peak RSS MiB |",
              "|" + "---|" * 7]  # fmt: skip
     marks = ["| run | storage | markers | code | write s | list s | one GET each s | status "
-             "(nothing cached) s | finalize 1 s | finalize 2 s | status 2 s |",
-             "|" + "---|" * 11]  # fmt: skip
+             "(nothing cached) s | finalize 1 s | finalize 2 s | status 2 s | "
+             "finalize 2 peak RSS MiB |",
+             "|" + "---|" * 12]  # fmt: skip
     for i, run in enumerate(doc.get("runs", []), 1):
         tag = f"{i} ({run.get('date', '')})"
         for r in run.get("jobs", []):
@@ -561,7 +575,7 @@ def render(doc: dict[str, Any]) -> str:
             )
             if "driver_private_growth_kib_per_chunk" in r:
                 memory.append(
-                    f"| {tag} | {r['storage']} | {r['rows']:,} | {r['chunks']:,} | "
+                    f"| {tag} | {r['code']} | {r['storage']} | {r['rows']:,} | {r['chunks']:,} | "
                     f"{r['driver_peak_rss_mib']} | {r['driver_private_peak_mib']} | "
                     f"{r['driver_private_growth_kib_per_chunk']} | "
                     f"{r.get('driver_private_growth_last_half_kib_per_chunk', '')} | "
@@ -581,7 +595,8 @@ def render(doc: dict[str, Any]) -> str:
                     f"{r.get('read_one_by_one_s', '')} | "
                     f"{r.get(f'{code}_status_1_s', 'not run')} | "
                     f"{r.get(f'{code}_finalize_1_s', '')} | "
-                    f"{r.get(f'{code}_finalize_2_s', '')} | {r.get(f'{code}_status_2_s', '')} |"
+                    f"{r.get(f'{code}_finalize_2_s', '')} | {r.get(f'{code}_status_2_s', '')} | "
+                    f"{r.get(f'{code}_finalize_2_peak_mib', '')} |"
                 )
     for title, rows in (("Jobs", jobs),
                         ("Driver memory: its own pages and the object store's", memory),
