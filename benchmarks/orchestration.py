@@ -553,7 +553,8 @@ def render(doc: dict[str, Any]) -> str:
             "processes) | CPU s per 1M rows | CPU ms/chunk | driver CPU s | driver peak RSS MiB "
             "| driver growth KiB/chunk | object store peak MiB | status s | resubmit s |",
             "|" + "---|" * 17]  # fmt: skip
-    memory = ["| run | code | storage | rows | chunks | driver peak RSS MiB | of it private, peak MiB | "
+    memory = ["| run | code | storage | rows | chunks | driver peak RSS MiB | "
+              "of it private, peak MiB | "
               "private growth KiB/chunk (from 10%) | private growth KiB/chunk (last half) | "
               "store pages mapped at end MiB | store pages growth KiB/chunk |",
               "|" + "---|" * 11]  # fmt: skip
