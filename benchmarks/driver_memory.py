@@ -29,38 +29,21 @@ def main() -> None:
     p.add_argument("--rows", type=int, default=60_000)
     p.add_argument("--rows-per-chunk", type=int, default=100)
     p.add_argument("--top", type=int, default=8)
-    p.add_argument(
-        "--first-snapshot",
-        type=int,
-        default=0,
-        help="chunk of the first snapshot (default: a fifth of the chunks); past 2,000 the "
-        "bounded buffers (rollups, block stats) are full and only unbounded growth is left",
-    )
     p.add_argument("--work", type=Path, default=None)
-    p.add_argument(
-        "--small-buffers",
-        action="store_true",
-        help="rollups every 100 markers and 50 block stats kept, so that a short run shows "
-        "only the growth that no bound stops",
-    )
     a = p.parse_args()
     import fsspec
     import orchestration
 
     from batch import job as jobmod
-    from batch import runner, store
     from batch.progress import JsonLogReporter
     from batch.spec import parse_spec
 
-    if a.small_buffers:
-        runner.KEPT_BLOCK_STATS = 50
-        store.RollupWriter.__init__.__defaults__ = (100,)
     work = a.work or Path(tempfile.mkdtemp(prefix="driver-memory-"))
     orchestration.write_input(fsspec.filesystem("file"), str(work / "in"), a.rows)
     text = orchestration.job_yaml(f"{work / 'in'}/", f"{work / 'out'}/", a.rows_per_chunk, {})
     spec = parse_spec(text, source="job")
     total = -(-a.rows // a.rows_per_chunk)
-    marks = (a.first_snapshot or total // 5, total - 5)
+    marks = (total // 5, total - 5)
     snaps: dict[int, Any] = {}
     seen = [0]
     original = JsonLogReporter.chunk_done

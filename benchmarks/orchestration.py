@@ -203,15 +203,18 @@ def run_job(job: Path, out_note: str, code: Path) -> dict[str, Any]:
     finished = by["finished"][-1]
     finalize = finished["ts"] - (progress[-1]["ts"] if progress else finished["ts"])
     growth = rss_growth(sampler.rss, progress)
-    private = rss_growth([(t, kib) for t, kib, _ in sampler.split], progress)
-    shared = rss_growth([(t, kib) for t, _, kib in sampler.split], progress)
+    own = [(t, kib) for t, kib, _ in sampler.split]
+    private, shared = (
+        rss_growth(own, progress),
+        rss_growth([(t, kib) for t, _, kib in sampler.split], progress),
+    )
     if private and shared:
         growth["driver_private_growth_kib_per_chunk"] = private["driver_growth_kib_per_chunk"]
         growth["driver_private_at_end_mib"] = private["driver_rss_at_end_mib"]
         growth["driver_store_pages_growth_kib_per_chunk"] = shared["driver_growth_kib_per_chunk"]
         growth["driver_store_pages_at_end_mib"] = shared["driver_rss_at_end_mib"]
         growth["driver_private_growth_last_half_kib_per_chunk"] = rss_growth(
-            [(t, kib) for t, kib, _ in sampler.split], progress, start=0.5
+            own, progress, start=0.5
         ).get("driver_growth_kib_per_chunk")
     return {
         **growth,
